@@ -1,0 +1,83 @@
+// pybind11 module tensorguard_fast._C. Tensors arrive as (data pointer, length, dtype code): the extension never links
+// against libtorch, so it builds in seconds. The Python side (tensorguard_fast/ops/*.py) checks contiguity, dtype and
+// device before passing a pointer, and keeps the tensor alive for the call.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "common.h"
+#include "fft_entropy.h"
+#include "gram_entropy.h"
+#include "moments.h"
+
+namespace py = pybind11;
+using namespace tgf;
+
+namespace {
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+py::tuple state_tuple(const MomentState& s) {
+  return py::make_tuple(s.n, s.mean, s.m2, s.m3, s.m4_, s.mn, s.mx, s.l1, s.sumsq, s.nonfinite);
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "tensorguard-fast CPU kernels";
+  m.def("has_openmp", &has_openmp);
+  m.def("max_threads", &max_threads);
+  m.def(
+      "moments",
+      [](uintptr_t data, int64_t n, int dtype, int nthreads) {
+        MomentState s;
+        {
+          py::gil_scoped_release nogil;
+          s = moments(ptr<const void>(data), n, dtype, nthreads);
+        }
+        return state_tuple(s);
+      },
+      py::arg("data"), py::arg("n"), py::arg("dtype"), py::arg("nthreads") = 0,
+      "(n, mean, m2, m3, m4, min, max, l1, sumsq, nonfinite) of the finite values; m2..m4 are central sums");
+  m.def(
+      "moments_many",
+      [](const std::vector<std::tuple<uintptr_t, int64_t, int>>& items, int nthreads) {
+        std::vector<MomentState> out(items.size());
+        {
+          py::gil_scoped_release nogil;
+          for (size_t i = 0; i < items.size(); ++i) {
+            auto [d, n, dt] = items[i];
+            out[i] = moments(ptr<const void>(d), n, dt, nthreads);
+          }
+        }
+        py::list res;
+        for (auto& s : out) res.append(state_tuple(s));
+        return res;
+      },
+      py::arg("items"), py::arg("nthreads") = 0);
+  m.def(
+      "fft_power_entropy",
+      [](uintptr_t data, bool is_double, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t limit,
+         int nthreads) {
+        PowerSums s;
+        {
+          py::gil_scoped_release nogil;
+          s = fft_power_entropy(ptr<const void>(data), is_double, rows, cols, row_stride, ptr<const int64_t>(limit),
+                                nthreads);
+        }
+        return py::make_tuple(s.s, s.splnp, s.nonfinite);
+      },
+      py::arg("data"), py::arg("is_double"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
+      py::arg("limit") = 0, py::arg("nthreads") = 0,
+      "(S, sum P ln P, non-finite count) of P = |X|^2 over a complex tile; row r keeps columns 0..limit[r]");
+  m.def(
+      "crop_error_rows",
+      [](uintptr_t z, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t lse, uintptr_t labels) {
+        py::gil_scoped_release nogil;
+        crop_error_rows(ptr<float>(z), rows, cols, row_stride, ptr<const float>(lse), ptr<const int64_t>(labels));
+      });
+  m.def(
+      "spectrum_entropy",
+      [](uintptr_t evals, int64_t batch, int64_t n, int64_t q, bool squared, uintptr_t out) {
+        py::gil_scoped_release nogil;
+        spectrum_entropy(ptr<const double>(evals), batch, n, q, squared, ptr<double>(out));
+      });
+}

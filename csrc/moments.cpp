@@ -1,0 +1,146 @@
+// moments: one read of a tensor -> count, mean, central sums M2..M4, min, max, L1, sum of squares, non-finite count.
+//
+// The tensor is cut into chunks, each read once in float64 (see reduce_chunk). Chunks, then threads, are combined with the pairwise update of Chan et al. / Terriberry for M2..M4, which is stable
+// whatever the magnitudes. Non-finite elements are counted and excluded from every other statistic.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "moments.h"
+
+namespace tgf {
+
+void MomentState::merge(const MomentState& b) {
+  if (b.n == 0) { nonfinite += b.nonfinite; return; }
+  if (n == 0) { int64_t nf = nonfinite; *this = b; nonfinite += nf; return; }
+  const double na = n, nb = b.n, nn = na + nb;
+  const double delta = b.mean - mean, dn = delta / nn, dn2 = dn * dn;
+  const double t1 = delta * dn * na * nb;
+  const double m4 = m4_ + b.m4_ + t1 * dn2 * (na * na - na * nb + nb * nb) + 6.0 * dn2 * (na * na * b.m2 + nb * nb * m2) +
+                    4.0 * dn * (na * b.m3 - nb * m3);
+  const double m3n = m3 + b.m3 + t1 * dn * (na - nb) + 3.0 * dn * (na * b.m2 - nb * m2);
+  m2 = m2 + b.m2 + t1;
+  m3 = m3n;
+  m4_ = m4;
+  mean += nb * dn;
+  n += b.n;
+  mn = std::min(mn, b.mn);
+  mx = std::max(mx, b.mx);
+  l1 += b.l1;
+  sumsq += b.sumsq;
+  nonfinite += b.nonfinite;
+}
+
+namespace {
+
+constexpr int64_t kChunk = 4096;
+
+template <int DT>
+inline double load(const void* p, int64_t i) {
+  if constexpr (DT == F32) return static_cast<const float*>(p)[i];
+  if constexpr (DT == BF16) return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+  if constexpr (DT == F16) return f16_to_float(static_cast<const uint16_t*>(p)[i]);
+  if constexpr (DT == F64) return static_cast<const double*>(p)[i];
+  return 0.0;
+}
+
+// One chunk in one pass: power sums of d = x - c for a shift c close to the mean (the running mean of the
+// previous chunks), turned into central sums exactly. With |c - mean| of the order of the spread, the corrections
+// cost no precision in float64 (the "shifted data" algorithm), and the chunk is read once with no scratch buffer.
+template <int DT>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void reduce_chunk(const void* data, int64_t begin, int64_t len, double c, MomentState& out) {
+  double s1 = 0, s2 = 0, s3 = 0, s4 = 0, cnt = 0, l1 = 0;
+  double mn = std::numeric_limits<double>::infinity(), mx = -mn;
+#pragma omp simd reduction(+ : s1, s2, s3, s4, cnt, l1) reduction(min : mn) reduction(max : mx)
+  for (int64_t i = 0; i < len; ++i) {
+    double x = load<DT>(data, begin + i);
+    bool fin = std::fabs(x) <= std::numeric_limits<double>::max();  // false for inf and nan
+    double d = fin ? x - c : 0.0;
+    double d2 = d * d;
+    s1 += d;
+    s2 += d2;
+    s3 += d2 * d;
+    s4 += d2 * d2;
+    cnt += fin ? 1.0 : 0.0;
+    l1 += fin ? std::fabs(x) : 0.0;
+    mn = std::min(mn, fin ? x : std::numeric_limits<double>::infinity());
+    mx = std::max(mx, fin ? x : -std::numeric_limits<double>::infinity());
+  }
+  MomentState ch;
+  ch.n = static_cast<int64_t>(cnt);
+  ch.nonfinite = len - ch.n;
+  if (ch.n > 0) {
+    const double n = cnt, a = s1 / n;
+    ch.mean = c + a;
+    ch.m2 = std::max(0.0, s2 - s1 * a);
+    ch.m3 = s3 - 3.0 * a * s2 + 2.0 * n * a * a * a;
+    ch.m4_ = std::max(0.0, s4 - 4.0 * a * s3 + 6.0 * a * a * s2 - 3.0 * n * a * a * a * a);
+    ch.mn = mn;
+    ch.mx = mx;
+    ch.l1 = l1;
+    ch.sumsq = s2 + 2.0 * c * s1 + n * c * c;
+  }
+  out.merge(ch);
+}
+
+template <int DT>
+double first_shift(const void* data, int64_t begin, int64_t end) {
+  // Mean of up to 64 finite leading values: a shift of the order of the data's own spread.
+  double s = 0;
+  int k = 0;
+  for (int64_t i = begin; i < end && k < 64; ++i) {
+    double x = load<DT>(data, i);
+    if (std::fabs(x) <= std::numeric_limits<double>::max()) { s += x; ++k; }
+  }
+  return k ? s / k : 0.0;
+}
+
+template <int DT>
+MomentState reduce_range(const void* data, int64_t begin, int64_t end) {
+  MomentState st;
+  for (int64_t b = begin; b < end; b += kChunk) {
+    int64_t len = std::min(kChunk, end - b);
+    double c = st.n > 0 ? st.mean : first_shift<DT>(data, b, b + len);
+    reduce_chunk<DT>(data, b, len, c, st);
+  }
+  return st;
+}
+
+template <int DT>
+MomentState reduce_all(const void* data, int64_t n, int nthreads) {
+  // Below ~64k elements thread start-up costs more than the work.
+  int64_t nchunks = (n + kChunk - 1) / kChunk;
+  int t = std::max(1, std::min<int>(nthreads, static_cast<int>(std::min<int64_t>(nchunks / 16, 1 << 20))));
+  if (t <= 1) return reduce_range<DT>(data, 0, n);
+  std::vector<MomentState> parts(t);
+#ifdef TGF_HAVE_OPENMP
+#pragma omp parallel for num_threads(t) schedule(static, 1)
+#endif
+  for (int i = 0; i < t; ++i) {
+    // Ranges on chunk boundaries, contiguous per thread: results are deterministic for a given thread count.
+    int64_t c0 = nchunks * i / t, c1 = nchunks * (i + 1) / t;
+    parts[i] = reduce_range<DT>(data, c0 * kChunk, std::min(n, c1 * kChunk));
+  }
+  MomentState st;
+  for (auto& p : parts) st.merge(p);
+  return st;
+}
+
+}  // namespace
+
+MomentState moments(const void* data, int64_t n, int dtype, int nthreads) {
+  if (n < 0) throw std::invalid_argument("moments: negative length");
+  if (nthreads <= 0) nthreads = max_threads();
+  switch (dtype) {
+    case F32: return reduce_all<F32>(data, n, nthreads);
+    case BF16: return reduce_all<BF16>(data, n, nthreads);
+    case F16: return reduce_all<F16>(data, n, nthreads);
+    case F64: return reduce_all<F64>(data, n, nthreads);
+    default: throw std::invalid_argument("moments: unsupported dtype code");
+  }
+}
+
+}  // namespace tgf

@@ -1,0 +1,1 @@
+"""Loading models, datasets and stored fingerprints."""

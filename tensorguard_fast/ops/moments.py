@@ -1,0 +1,117 @@
+"""moments: count, mean, std, skewness, kurtosis, min, max, L1, L2 and non-finite count in one read of a tensor.
+
+Backends: C++ (`_C.moments`, CPU, fp64 accumulation, OpenMP), Triton (CUDA; per-block two-pass partials merged
+in float64), reference (`reference.moments`, float64 two-pass). The rank-k form `outer_moments(U, X)` gives the
+moments of U^T X without forming it: exactly, from power-sum factorisation, when k = 1; tile by tile otherwise.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _backend, reference
+from .stats import Moments, from_power_sums
+
+SUPPORTED = tuple(_backend.DTYPE_CODES)
+
+
+def _check(x: torch.Tensor, op: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED:
+        raise TypeError(f"{op}: dtype {x.dtype} is not supported; use one of {[str(d) for d in SUPPORTED]}")
+    return x.detach()
+
+
+def moments(x: torch.Tensor, backend: Optional[str] = None) -> Moments:
+    """Moments of all elements of `x` (any shape, any length including 0) in one read.
+
+    Formula: per chunk, mean then central sums of d^2, d^3, d^4 (exact two-pass on cached data); chunks merged by
+    the pairwise update of Chan et al. (M2) and Terriberry (M3, M4). Matches `reference.moments` (float64).
+    """
+    x = _check(x, "moments")
+    chosen = _backend.choose("moments", x.device, backend)
+    if chosen == "reference":
+        return reference.moments(x)
+    if chosen == "triton":
+        from . import moments_triton
+
+        return moments_triton.moments(x)
+    return _cpp_moments([x])[0]
+
+
+def moments_many(xs: Sequence[torch.Tensor], backend: Optional[str] = None) -> list:
+    """`moments` of each tensor of `xs` in one call (one trip into the extension for CPU tensors)."""
+    xs = [_check(x, "moments_many") for x in xs]
+    if not xs:
+        return []
+    devices = {x.device for x in xs}
+    if len(devices) > 1:
+        raise ValueError(f"moments_many: tensors are on several devices {sorted(map(str, devices))}")
+    chosen = _backend.choose("moments", xs[0].device, backend)
+    if chosen == "cpp":
+        return _cpp_moments(xs)
+    return [moments(x, backend=chosen) for x in xs]
+
+
+def _cpp_moments(xs: Sequence[torch.Tensor]) -> list:
+    ext = _backend.cpp()
+    # contiguous() is a no-op for the common case; the list keeps every buffer alive during the call.
+    keep = [x.contiguous() for x in xs]
+    items = [(t.data_ptr(), t.numel(), _backend.DTYPE_CODES[t.dtype]) for t in keep]
+    states = ext.moments_many(items, _backend.num_threads())
+    return [Moments.from_state(s) for s in states]
+
+
+def outer_moments(u: torch.Tensor, x: torch.Tensor, backend: Optional[str] = None, tile_rows: int = 1024) -> Moments:
+    """Moments of the m x n matrix U^T X from U (k x m) and X (k x n), never forming it whole.
+
+    k = 1 (U and X may be 1-D): sum_ij (u_i x_j)^p = (sum_i u_i^p)(sum_j x_j^p), so the moments cost O(m + n), exact
+    in float64 (statistics over the pairs of finite u_i and x_j; overflow of a product is not checked).
+    k > 1: U^T X is formed `tile_rows` rows at a time (float32 GEMM, or float64 for float64 inputs) and each tile is
+    reduced by `moments`; the summaries are merged exactly. Memory: one tile.
+    """
+    u = _check(u, "outer_moments")
+    x = _check(x, "outer_moments")
+    if u.dim() == 1:
+        u = u.unsqueeze(0)
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if u.dim() != 2 or x.dim() != 2 or u.shape[0] != x.shape[0]:
+        raise ValueError(f"outer_moments: need U (k x m) and X (k x n) with the same k; got {tuple(u.shape)} and "
+                         f"{tuple(x.shape)}")
+    if u.device != x.device:
+        raise ValueError(f"outer_moments: U on {u.device}, X on {x.device}")
+    chosen = _backend.choose("outer_moments", u.device, backend)
+    if chosen == "reference":
+        return reference.outer_moments(u, x)
+    if u.shape[0] == 1:
+        return _rank1(u[0], x[0])
+    acc_dtype = torch.float64 if torch.float64 in (u.dtype, x.dtype) else torch.float32
+    uu, xx = u.to(acc_dtype), x.to(acc_dtype)
+    total = Moments.empty()
+    for r0 in range(0, uu.shape[1], tile_rows):
+        tile = uu[:, r0:r0 + tile_rows].T @ xx
+        total = total.merge(moments(tile, backend=chosen))
+    if uu.shape[1] == 0 or xx.shape[1] == 0:
+        return Moments.empty()
+    return total
+
+
+def _rank1(u: torch.Tensor, x: torch.Tensor) -> Moments:
+    u = u.to(torch.float64)
+    x = x.to(torch.float64)
+    fu, fx = torch.isfinite(u), torch.isfinite(x)
+    uf, xf = u[fu], x[fx]
+    nonfinite = u.numel() * x.numel() - uf.numel() * xf.numel()
+    count = uf.numel() * xf.numel()
+    if count == 0:
+        return Moments.from_state((0, 0.0, 0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0, nonfinite))
+    pu = torch.stack([uf.sum(), (uf ** 2).sum(), (uf ** 3).sum(), (uf ** 4).sum(), uf.abs().sum()]).tolist()
+    px = torch.stack([xf.sum(), (xf ** 2).sum(), (xf ** 3).sum(), (xf ** 4).sum(), xf.abs().sum()]).tolist()
+    corners = [a * b for a in (float(uf.min()), float(uf.max())) for b in (float(xf.min()), float(xf.max()))]
+    # Central sums from raw sums: fine for gradients (|mean| << std); the tile path is there for anything else.
+    return from_power_sums(count, pu[0] * px[0], pu[1] * px[1], pu[2] * px[2], pu[3] * px[3], min(corners),
+                           max(corners), pu[4] * px[4], nonfinite)

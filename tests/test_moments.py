@@ -1,0 +1,231 @@
+"""moments / moments_many / outer_moments against the float64 reference (tensorguard_fast.reference).
+
+Tolerances, derived:
+- C++ accumulates in float64 from the exact upcast of each input element, so it must agree with the float64 two-pass
+  reference to ~1e-12 relative (we allow 1e-10: chunk merges add a few roundings).
+- Triton accumulates each block in float32 with tree sums (log2(4096) = 12 levels): relative error <= ~12 * 2^-24 =
+  7e-7 of the sum of magnitudes; partials are merged in float64. We allow 4e-6 relative (std, L1, L2), 4e-6 of
+  mean|x| for the mean, and 2e-5 absolute for skewness/kurtosis (scale-free ratios of those sums).
+- bf16/fp16 inputs are judged against the reference on the same (upcast) values: low precision enters only through
+  the input, which both paths read identically.
+"""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tensorguard_fast as tgf
+from tensorguard_fast import _backend, reference
+from tensorguard_fast.ops.moments import moments, moments_many, outer_moments
+from tensorguard_fast.ops.stats import Moments
+
+from conftest import requires_triton, triton_device
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+FIELDS = ("count", "mean", "std", "skewness", "kurtosis", "min", "max", "l1", "l2", "nonfinite")
+
+
+def assert_close(got: Moments, want: Moments, rel: float, skew_abs: float, exact_extremes: bool = True):
+    assert got.count == want.count and got.nonfinite == want.nonfinite
+    if want.count == 0:
+        assert math.isnan(got.mean) and got.l1 == 0 and got.l2 == 0
+        return
+    scale = want.l1 / want.count  # mean |x|
+    assert abs(got.mean - want.mean) <= rel * scale + 1e-300, (got.mean, want.mean)
+    for f in ("std", "l1", "l2"):
+        assert getattr(got, f) == pytest.approx(getattr(want, f), rel=rel, abs=1e-300), f
+    if exact_extremes:  # every kernel reads the input values exactly
+        assert got.min == want.min and got.max == want.max
+    else:
+        assert (got.min, got.max) == pytest.approx((want.min, want.max), rel=rel)
+    for f in ("skewness", "kurtosis"):
+        a, b = getattr(got, f), getattr(want, f)
+        if math.isnan(b):
+            continue  # degenerate spread: the kernels may round to a tiny non-zero variance
+        assert abs(a - b) <= skew_abs * max(1.0, abs(b)), (f, a, b)
+
+
+def make(n: int, dtype: torch.dtype, seed: int, nonfinite: int = 0, loc: float = 0.0, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * scale + loc
+    # a skewed, heavy-tailed part so skewness and kurtosis are not ~0
+    if n > 3:
+        x[: n // 3] = torch.empty(n // 3, dtype=torch.float64).exponential_(generator=g) * scale + loc
+    if nonfinite and n:
+        idx = torch.randint(0, n, (nonfinite,), generator=g)
+        vals = torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float64)
+        x[idx] = vals[torch.arange(nonfinite) % 3]
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 127, 4096, 4097, 1000003])
+def test_cpp_matches_reference(n, dtype):
+    x = make(n, dtype, seed=n, nonfinite=min(n // 50, 9))
+    assert_close(moments(x, backend="cpp"), reference.moments(x), rel=1e-10, skew_abs=1e-9)
+    assert _backend.last_backend("moments") == "cpp"
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 70000), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1),
+       nonfinite=st.integers(0, 5), loc=st.sampled_from([0.0, 1e-3, 7.0, -1e4]),
+       scale=st.sampled_from([1e-6, 1.0, 1e3]))
+def test_cpp_hypothesis(n, dtype, seed, nonfinite, loc, scale):
+    x = make(n, dtype, seed, nonfinite, loc, scale)
+    assert_close(moments(x, backend="cpp"), reference.moments(x), rel=1e-9, skew_abs=1e-7)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [0, 1, 7, 127, 4097, 1000003])
+def test_triton_matches_reference(n, dtype):
+    x = make(n, dtype, seed=n + 1, nonfinite=min(n // 50, 9)).to(triton_device())
+    got = moments(x, backend="triton")
+    assert _backend.last_backend("moments") == "triton"
+    assert_close(got, reference.moments(x), rel=4e-6, skew_abs=2e-5)
+
+
+@requires_triton
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(0, 20000), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**31 - 1), nonfinite=st.integers(0, 5))
+def test_triton_hypothesis(n, dtype, seed, nonfinite):
+    x = make(n, dtype, seed, nonfinite).to(triton_device())
+    assert_close(moments(x, backend="triton"), reference.moments(x), rel=4e-6, skew_abs=2e-5)
+
+
+@requires_triton
+def test_cpp_triton_reference_agree():
+    x = make(300007, torch.bfloat16, seed=3, nonfinite=4)
+    a = moments(x, backend="cpp")
+    b = moments(x.to(triton_device()), backend="triton")
+    c = moments(x, backend="reference")
+    assert_close(a, c, rel=1e-10, skew_abs=1e-9)
+    assert_close(b, c, rel=4e-6, skew_abs=2e-5)
+
+
+def test_conventions_match_scipy_and_torch():
+    x = make(10007, torch.float64, seed=11)
+    m = moments(x)
+    v = x.numpy()
+    assert m.skewness == pytest.approx(scipy.stats.skew(v), rel=1e-9)
+    assert m.kurtosis == pytest.approx(scipy.stats.kurtosis(v), rel=1e-9)  # Fisher, biased
+    assert m.std == pytest.approx(float(x.std(correction=0)), rel=1e-12)
+    assert m.l2 == pytest.approx(float(torch.linalg.vector_norm(x)), rel=1e-12)
+    assert m.l1 == pytest.approx(float(x.abs().sum()), rel=1e-12)
+
+
+def test_all_nonfinite_and_empty():
+    x = torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float32)
+    m = moments(x)
+    assert m.count == 0 and m.nonfinite == 3 and math.isnan(m.mean) and math.isnan(m.std)
+    e = moments(torch.empty(0))
+    assert e.count == 0 and e.nonfinite == 0 and e.l2 == 0.0
+    assert math.isnan(e.skewness)
+
+
+def test_constant_input_has_nan_shape_statistics():
+    m = moments(torch.full((1001,), 3.25))
+    assert m.std == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(m.skewness) and math.isnan(m.kurtosis)
+
+
+def test_large_offset_is_stable():
+    # mean 1e6, spread 1e-2: naive sum-of-powers would lose every digit of the variance in float64.
+    x = make(200003, torch.float64, seed=5, loc=1e6, scale=1e-2)
+    assert_close(moments(x), reference.moments(x), rel=1e-8, skew_abs=1e-4)
+
+
+def test_merge_equals_whole():
+    x = make(50001, torch.float32, seed=9, nonfinite=3)
+    parts = [x[:1], x[1:20000], x[20000:20000], x[20000:]]
+    merged = Moments.empty()
+    for p in parts:
+        merged = merged.merge(moments(p))
+    assert_close(merged, reference.moments(x), rel=1e-10, skew_abs=1e-8)
+
+
+def test_moments_many_matches_single():
+    xs = [make(n, dt, seed=n) for n, dt in [(0, torch.float32), (5, torch.bfloat16), (70001, torch.float16)]]
+    for got, x in zip(moments_many(xs), xs):
+        assert_close(got, reference.moments(x), rel=1e-10, skew_abs=1e-9)
+    assert moments_many([]) == []
+
+
+def test_non_contiguous_and_2d():
+    x = make(300 * 257, torch.float32, seed=2).reshape(300, 257).T  # a transposed view
+    assert_close(moments(x), reference.moments(x), rel=1e-10, skew_abs=1e-9)
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (7, 1), (1, 127), (97, 1003)])
+def test_outer_rank1_exact(m, n):
+    g = torch.Generator().manual_seed(m * n)
+    u, x = torch.randn(m, generator=g), torch.randn(n, generator=g)
+    assert_close(outer_moments(u, x), reference.outer_moments(u.unsqueeze(0), x.unsqueeze(0)), rel=1e-9,
+                 skew_abs=1e-7, exact_extremes=False)
+
+
+def test_outer_rank1_nonfinite_pairs_are_excluded():
+    u = torch.tensor([1.0, math.nan, 2.0, -3.0])
+    x = torch.tensor([0.5, math.inf, -1.0])
+    got = outer_moments(u, x)
+    want = reference.outer_moments(u.unsqueeze(0), x.unsqueeze(0))
+    assert got.nonfinite == want.nonfinite == 12 - 3 * 2
+    assert_close(got, want, rel=1e-12, skew_abs=1e-10)
+
+
+@pytest.mark.parametrize("k,m,n", [(2, 5, 7), (4, 1030, 33), (15, 300, 2000)])
+def test_outer_rank_k_tiles(k, m, n):
+    g = torch.Generator().manual_seed(k)
+    u, x = torch.randn(k, m, generator=g), torch.randn(k, n, generator=g)
+    # float32 GEMM tiles: rounding of each entry ~ k * 2^-24 relative, far inside 1e-5
+    assert_close(outer_moments(u, x, tile_rows=128), reference.outer_moments(u, x), rel=1e-5, skew_abs=1e-4,
+                 exact_extremes=False)
+
+
+def test_outer_shape_errors():
+    with pytest.raises(ValueError, match="same k"):
+        outer_moments(torch.randn(2, 3), torch.randn(3, 3))
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(TypeError, match="int64"):
+        moments(torch.arange(5))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        moments(np.zeros(3))
+    with pytest.raises(ValueError, match="unknown backend"):
+        moments(torch.zeros(3), backend="fortran")
+
+
+def test_explicit_backend_that_cannot_run_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(tgf.BackendUnavailable, match="triton"):
+        moments(torch.zeros(3), backend="triton")
+
+
+def test_reference_switch_and_missing_extension():
+    code = ("import warnings, torch, tensorguard_fast as t\n"
+            "m = t.moments(torch.ones(10))\n"
+            "print(t.last_backend('moments'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "TENSORGUARD_FAST_BACKEND": "reference"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reference"
+    # Without the compiled extension the package still imports, warns once and falls back.
+    block = ("import sys, importlib.abc\n"
+             "class Block(importlib.abc.MetaPathFinder):\n"
+             "    def find_spec(self, name, path, target=None):\n"
+             "        if name == 'tensorguard_fast._C': raise ImportError('blocked for the test')\n"
+             "sys.meta_path.insert(0, Block())\n")
+    out = subprocess.run([sys.executable, "-W", "always", "-c", block + code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reference"
+    assert "did not load" in out.stderr and "blocked for the test" in out.stderr
