@@ -3,12 +3,14 @@
 // The tensor is cut into chunks, each read once in float64 (see reduce_chunk). Chunks, then threads, are combined with the pairwise update of Chan et al. / Terriberry for M2..M4, which is stable
 // whatever the magnitudes. Non-finite elements are counted and excluded from every other statistic.
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "common.h"
 #include "moments.h"
+#include "moments_avx512.h"
 
 namespace tgf {
 
@@ -35,6 +37,15 @@ void MomentState::merge(const MomentState& b) {
 
 namespace {
 
+// TGF_NO_AVX512=1 forces the portable loop (tests compare both paths).
+bool avx512_disabled() {
+  static const bool off = [] {
+    const char* v = std::getenv("TGF_NO_AVX512");
+    return v && v[0] == '1';
+  }();
+  return off;
+}
+
 constexpr int64_t kChunk = 4096;
 
 template <int DT>
@@ -49,26 +60,68 @@ inline double load(const void* p, int64_t i) {
 // One chunk in one pass: power sums of d = x - c for a shift c close to the mean (the running mean of the
 // previous chunks), turned into central sums exactly. With |c - mean| of the order of the spread, the corrections
 // cost no precision in float64 (the "shifted data" algorithm), and the chunk is read once with no scratch buffer.
+// Power sums of one chunk about a shift c (portable loop; the AVX-512 twin is in moments_avx512.h).
+// A non-finite x is replaced by the shift c: it then adds exactly 0 to s1..s4, |c| to l1 (taken back below) and
+// cannot move min/max (c lies inside the range already merged, or inside this chunk's finite values). One blend
+// per element instead of a mask on every accumulator keeps the loop in registers.
+struct Sums {
+  double c, s1, s2, s3, s4, l1, bad, mn, mx;
+};
+
 template <int DT>
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void reduce_chunk(const void* data, int64_t begin, int64_t len, double c, MomentState& out) {
-  double s1 = 0, s2 = 0, s3 = 0, s4 = 0, cnt = 0, l1 = 0;
+__attribute__((target_clones("avx2", "default")))
+Sums chunk_portable(const void* data, int64_t begin, int64_t len, double c) {
+  double s1 = 0, s2 = 0, s3 = 0, s4 = 0, bad = 0, l1 = 0;
   double mn = std::numeric_limits<double>::infinity(), mx = -mn;
-#pragma omp simd reduction(+ : s1, s2, s3, s4, cnt, l1) reduction(min : mn) reduction(max : mx)
+#pragma omp simd reduction(+ : s1, s2, s3, s4, bad, l1) reduction(min : mn) reduction(max : mx)
   for (int64_t i = 0; i < len; ++i) {
     double x = load<DT>(data, begin + i);
     bool fin = std::fabs(x) <= std::numeric_limits<double>::max();  // false for inf and nan
-    double d = fin ? x - c : 0.0;
+    double xs = fin ? x : c;
+    double d = xs - c;
     double d2 = d * d;
     s1 += d;
     s2 += d2;
     s3 += d2 * d;
     s4 += d2 * d2;
-    cnt += fin ? 1.0 : 0.0;
-    l1 += fin ? std::fabs(x) : 0.0;
-    mn = std::min(mn, fin ? x : std::numeric_limits<double>::infinity());
-    mx = std::max(mx, fin ? x : -std::numeric_limits<double>::infinity());
+    bad += fin ? 0.0 : 1.0;
+    l1 += std::fabs(xs);
+    mn = std::min(mn, xs);
+    mx = std::max(mx, xs);
   }
+  return {c, s1, s2, s3, s4, l1, bad, mn, mx};
+}
+
+inline bool cpu_has_avx512() {
+#ifdef TGF_HAVE_AVX512_PATH
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// One chunk in one pass: power sums of d = x - c for a shift c close to the mean (the running mean of the
+// previous chunks), turned into central sums exactly. With |c - mean| of the order of the spread, the corrections
+// cost no precision in float64 (the "shifted data" algorithm), and the chunk is read once with no scratch buffer.
+template <int DT>
+void reduce_chunk(const void* data, int64_t begin, int64_t len, double c, MomentState& out) {
+  Sums r;
+#ifdef TGF_HAVE_AVX512_PATH
+  if (DT != F64 && cpu_has_avx512() && !avx512_disabled()) {
+    ChunkSums a = chunk_avx512<DT>(data, begin, len, c);
+    r = {a.c, a.s1, a.s2, a.s3, a.s4, a.l1, a.bad, a.mn, a.mx};
+  } else {
+    r = chunk_portable<DT>(data, begin, len, c);
+  }
+#else
+  r = chunk_portable<DT>(data, begin, len, c);
+#endif
+  c = r.c;
+  const double bad = r.bad, cnt = static_cast<double>(len) - bad;
+  const double s1 = r.s1, s2 = r.s2, s3 = r.s3, s4 = r.s4;
   MomentState ch;
   ch.n = static_cast<int64_t>(cnt);
   ch.nonfinite = len - ch.n;
@@ -78,9 +131,9 @@ void reduce_chunk(const void* data, int64_t begin, int64_t len, double c, Moment
     ch.m2 = std::max(0.0, s2 - s1 * a);
     ch.m3 = s3 - 3.0 * a * s2 + 2.0 * n * a * a * a;
     ch.m4_ = std::max(0.0, s4 - 4.0 * a * s3 + 6.0 * a * a * s2 - 3.0 * n * a * a * a * a);
-    ch.mn = mn;
-    ch.mx = mx;
-    ch.l1 = l1;
+    ch.mn = r.mn;
+    ch.mx = r.mx;
+    ch.l1 = r.l1 - bad * std::fabs(c);
     ch.sumsq = s2 + 2.0 * c * s1 + n * c * c;
   }
   out.merge(ch);
