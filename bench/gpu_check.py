@@ -1,0 +1,291 @@
+"""One script for a lent GPU: check every Triton op against the float64 reference, then time them.
+
+    python bench/gpu_check.py --out DIR            # on a CUDA machine (H100/H200 class), < 8 minutes
+    python bench/gpu_check.py --dry-run            # here: Triton interpreter on CPU, tiny sizes, same code paths
+
+Each section runs on its own: a failure is recorded in the table with its reason and the next section runs. A time
+budget skips what would not fit. Prints one table last and writes gpu_check.json (rows + machine info) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+DRY = "--dry-run" in sys.argv
+if DRY:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any Triton import
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_info  # noqa: E402
+
+ROWS: list = []
+
+
+def row(section: str, item: str, value, unit: str = "", note: str = "", ok=None):
+    ROWS.append({"section": section, "item": item, "value": value, "unit": unit, "ok": ok, "note": note})
+    v = f"{value:.4g}" if isinstance(value, float) else value
+    print(f"[{section}] {item}: {v} {unit} {'' if ok is None else ('PASS' if ok else 'FAIL')} {note}", flush=True)
+
+
+def dev() -> torch.device:
+    return torch.device("cpu" if DRY else "cuda")
+
+
+def sync():
+    if not DRY:
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats=10, warmup=2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    ts = []
+    for _ in range(repeats):
+        if DRY:
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        else:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+def check_moments():
+    from tensorguard_fast import reference
+    from tensorguard_fast.ops.moments import moments
+
+    sizes = [1, 7, 127, 4097, 1000003] + ([] if DRY else [67108867])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        worst = 0.0
+        for n in sizes:
+            x = torch.randn(n, dtype=torch.float64)
+            x[: n // 3] = x[: n // 3].abs() ** 1.5  # skewed
+            if n > 10:
+                x[3], x[5] = math.nan, math.inf
+            x = x.to(dtype)
+            got = moments(x.to(dev()), backend="triton")
+            want = reference.moments(x)
+            assert got.count == want.count and got.nonfinite == want.nonfinite, (n, got, want)
+            assert got.min == want.min and got.max == want.max
+            for f in ("std", "l1", "l2"):
+                worst = max(worst, abs(getattr(got, f) - getattr(want, f)) / max(abs(getattr(want, f)), 1e-300))
+            if n > 2:
+                for f in ("skewness", "kurtosis"):
+                    worst = max(worst, abs(getattr(got, f) - getattr(want, f)) / max(1.0, abs(getattr(want, f))))
+        row("check", f"moments triton {str(dtype)[6:]} (n up to {sizes[-1]})", worst, "max rel err", ok=worst < 1e-5)
+
+
+def check_gram_fft():
+    from tensorguard_fast import reference
+    from tensorguard_fast.ops import fft_entropy as fe
+    from tensorguard_fast.ops import gram_entropy as ge
+
+    g = torch.Generator().manual_seed(0)
+    B, S, d, V = (2, 9, 64, 1000) if DRY else (4, 96, 576, 49152)
+    hidden = torch.randn(B, S, d, generator=g)
+    weight = torch.randn(V, d, generator=g) * 0.05
+    targets = torch.randint(0, V, (B, S), generator=g)
+    targets[:, : S // 2] = -100
+    want = reference.gram_entropy_from_hidden(hidden, weight, targets)
+    got = ge.gram_entropy_from_hidden(hidden.to(dev()), weight.to(dev()), targets.to(dev()), backend="triton")
+    err = float((got.cpu().double() - want).abs().max())
+    row("check", "gram_entropy_from_hidden triton", err, "max abs err", ok=err < 1e-5)
+    for dtype in (torch.bfloat16,):
+        got = ge.gram_entropy_from_hidden(hidden.to(dev(), dtype), weight.to(dev(), dtype), targets.to(dev()),
+                                          backend="triton")
+        ref16 = reference.gram_entropy_from_hidden(hidden.to(dtype), weight.to(dtype), targets)
+        err = float((got.cpu().double() - ref16).abs().max())
+        row("check", "gram_entropy_from_hidden triton bf16 inputs", err, "max abs err", ok=err < 1e-3)
+    T, n1, n2 = (5, 31, 7) if DRY else (48, 6144, 72)
+    E = torch.randn(3, T, n1, generator=g)
+    H = torch.randn(3, T, n2, generator=g)
+    want = reference.fft_entropy(E, H)
+    got = fe.fft_entropy(E.to(dev()), H.to(dev()), backend="triton")
+    err = float((got.cpu().double() - want).abs().max())
+    row("check", "fft_entropy triton (four-step)", err, "max abs err", ok=err < 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- timings
+def time_moments():
+    from tensorguard_fast.ops.moments import moments
+
+    n = (1 << 16) + 3 if DRY else 1 << 28  # 1 GiB of fp32
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(n, device=dev(), dtype=dtype)
+        y = torch.empty_like(x)
+        nbytes = x.numel() * x.element_size()
+        t_copy = median_time(lambda: y.copy_(x))
+        t_ours = median_time(lambda: moments(x, backend="triton"))
+        t_sum = median_time(lambda: x.sum())
+        t_naive = median_time(lambda: (x.float().mean(), x.float().std(), ((x.float() - 1) ** 3).mean(),
+                                       ((x.float() - 1) ** 4).mean(), x.min(), x.max(), x.float().norm(),
+                                       x.float().abs().sum(), (~torch.isfinite(x)).sum()), repeats=5)
+        copy_bw = 2 * nbytes / t_copy
+        row("moments", f"{str(dtype)[6:]} {nbytes / 2**30:.2f} GiB: ours", nbytes / t_ours / 1e9, "GB/s",
+            note=f"{t_ours * 1e3:.2f} ms; copy {copy_bw / 1e9:.0f} GB/s (r+w) -> {nbytes / t_ours / copy_bw:.2f} of copy;"
+                 f" one torch.sum {t_sum * 1e3:.2f} ms; naive torch {t_naive / t_ours:.1f}x slower")
+
+
+def _answer_batch(vocab: int, batch: int, seq: int, gen):
+    input_ids = torch.randint(10, vocab, (batch, seq), generator=gen)
+    attention = torch.ones_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for b in range(batch):
+        a = int(torch.randint(8, seq // 2, (1,), generator=gen))
+        labels[b, seq - a:] = input_ids[b, seq - a:]
+        pad = int(torch.randint(0, 8, (1,), generator=gen))
+        if pad:
+            attention[b, :pad] = 0  # left padding
+            labels[b, :pad] = -100
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def _gradsentry_way(model, batch):
+    """The reference method: one sample at a time, autograd w.r.t. lm_head.weight, crop, svd_lowrank(q=16)."""
+    head = model.get_output_embeddings().weight
+    v, d = head.shape
+    out = []
+    for b in range(batch["input_ids"].shape[0]):
+        keep = batch["attention_mask"][b].bool()
+        ids = batch["input_ids"][b][keep][None]
+        labels = batch["labels"][b][keep][None]
+        loss = model(input_ids=ids, labels=labels).loss
+        (g,) = torch.autograd.grad(loss, head)
+        crop = g[: v // 8, : d // 8].float()
+        s = torch.svd_lowrank(crop, q=16, niter=2)[1].clamp_min(1e-12)
+        p = s / s.sum()
+        out.append(float(-(p * p.log()).sum() / math.log(16)))
+    return out
+
+
+def time_entropy(name: str, config, batch: int, seq: int):
+    from transformers import AutoModelForCausalLM
+
+    from tensorguard_fast.entropy import fast_entropy
+
+    torch.manual_seed(0)
+    with torch.device(dev()):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model.eval()
+    head = model.get_output_embeddings().weight
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head.requires_grad_(True)  # GradSentry differentiates w.r.t. lm_head only (tied: the embedding too)
+    gen = torch.Generator().manual_seed(1)
+    data = {k: v.to(dev()) for k, v in _answer_batch(config.vocab_size, batch, seq, gen).items()}
+    with torch.no_grad():
+        t_fast = median_time(lambda: fast_entropy(model, data), repeats=5)
+        t_fwd = median_time(lambda: model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]),
+                            repeats=5)
+    n_ref = min(batch, 8)
+    sub = {k: v[:n_ref] for k, v in data.items()}
+    t_ref = median_time(lambda: _gradsentry_way(model, sub), repeats=3, warmup=1) / n_ref
+    ours = fast_entropy(model, sub).double().cpu()
+    ref = torch.tensor(_gradsentry_way(model, sub), dtype=torch.float64)
+    agree = float((ours - ref).abs().max())
+    row("fast_entropy", f"{name} bf16, {batch} x {seq} tokens", t_fast / batch * 1e3, "ms/sample",
+        note=f"GradSentry way {t_ref * 1e3:.1f} ms/sample -> {t_ref / (t_fast / batch):.1f}x; "
+             f"/ plain batched forward = {t_fast / t_fwd:.2f}; max |ours - svd_lowrank way| {agree:.1e}")
+    del model
+    if not DRY:
+        torch.cuda.empty_cache()
+
+
+def _configs():
+    from transformers import LlamaConfig
+
+    if DRY:
+        small = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        return {"SmolLM2-shape (tiny in dry run)": (small, 4, 32), "Llama-7B-shape (tiny in dry run)": (small, 4, 32)}
+    smol = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                       max_position_embeddings=8192, rope_theta=100000.0)
+    llama7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+    return {"SmolLM2-135M-shape": (smol, 16, 256), "Llama-7B-shape": (llama7b, 16, 256)}
+
+
+def time_fingerprint(config):
+    from transformers import AutoModelForCausalLM
+
+    from tensorguard_fast.fingerprint import fast_fingerprint
+
+    with torch.device(dev()):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model.eval()
+    params = [p for p in model.parameters()]
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    t_read = median_time(lambda: [p.sum() for p in params], repeats=3)
+    for profile in ("tensorguard", "full"):
+        t = median_time(lambda: fast_fingerprint(model, profile=profile, device=dev()), repeats=3, warmup=1)
+        row("fingerprint", f"{profile} on {sum(p.numel() for p in params) / 1e9:.2f} B params bf16", t * 1e3, "ms",
+            note=f"reading every weight once: {t_read * 1e3:.1f} ms ({nbytes / t_read / 1e9:.0f} GB/s) -> "
+                 f"{t / t_read:.2f}x")
+    del model
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--skip", nargs="*", default=[], help="skip sections whose name contains any of these words")
+    args = ap.parse_args()
+    start = time.time()
+    info = machine_info()
+    print(json.dumps(info), flush=True)
+    from tensorguard_fast import info as tinfo
+
+    print(tinfo.render(tinfo.collect()), flush=True)
+    configs = _configs()
+    sections = [("check moments", check_moments), ("check gram/fft", check_gram_fft), ("time moments", time_moments)]
+    for name, (cfg, b, s) in configs.items():
+        sections.append((f"time entropy {name}", lambda cfg=cfg, b=b, s=s, name=name: time_entropy(name, cfg, b, s)))
+    sections.append(("time fingerprint", lambda: time_fingerprint(list(configs.values())[-1][0])))
+    for name, fn in sections:
+        if any(word in name for word in args.skip):
+            continue
+        if time.time() - start > args.budget_s:
+            row(name, "skipped", "-", note=f"time budget {args.budget_s:.0f} s spent")
+            continue
+        t0 = time.time()
+        try:
+            fn()
+        except Exception as exc:  # record and go on: one broken section must not hide the others
+            traceback.print_exc()
+            row(name, "error", f"{type(exc).__name__}: {exc}"[:300], ok=False)
+        print(f"-- {name}: {time.time() - t0:.1f} s", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("gpu_check_dry.json" if args.dry_run else "gpu_check.json")).write_text(
+        json.dumps({"machine": info, "rows": ROWS, "seconds": time.time() - start}, indent=2, default=str))
+    print(f"\ngpu_check on {info['cuda_device'] or 'CPU (dry run)'}  ({time.time() - start:.0f} s)")
+    w = max(len(r["section"]) + len(r["item"]) for r in ROWS) + 3
+    for r in ROWS:
+        v = f"{r['value']:.4g}" if isinstance(r["value"], float) else str(r["value"])
+        ok = "" if r["ok"] is None else ("PASS" if r["ok"] else "FAIL")
+        print(f"{(r['section'] + ': ' + r['item']).ljust(w)} {v:>10} {r['unit']:<12} {ok:<4} {r['note']}")
+    return 1 if any(r["ok"] is False for r in ROWS) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
