@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .stats import Moments
 
-_FLT_MAX = 3.4028234663852886e38
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a Triton global must be a constexpr
 
 
 @triton.jit
@@ -83,3 +83,10 @@ def moments(x: torch.Tensor) -> Moments:
     _moments_block_kernel[(grid,)](flat, n, parts, BLOCK=block)
     s = merge_partials(parts).tolist()
     return Moments.from_state((int(s[0]), s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], int(s[9])))
+
+
+# Compiled for sm_90 on the CPU by tests/test_triton_compile.py (the interpreter is more lenient than the compiler).
+COMPILE_SPECS = [
+    (_moments_block_kernel, {"x_ptr": f"*{t}", "n": "i64", "part_ptr": "*fp64"}, {"BLOCK": 4096})
+    for t in ("fp32", "bf16", "fp16")
+]
