@@ -1,12 +1,14 @@
-// gram_entropy: the two elementwise steps around the Gram eigen-solve, fused.
+// gram_entropy: the elementwise steps around the Gram eigen-solve, fused (the GEMMs and eigh stay in torch).
 //
-// 1. crop_error_rows: E[t, j] = exp(z[t, j] - lse[t]) - [j == y_t] for the cropped logits, in place. The logsumexp
-//    comes from the whole vocabulary (computed chunk by chunk by the caller); only the crop is ever written.
-// 2. spectrum_entropy: Gram eigenvalues lambda -> singular values s = sqrt(max(lambda, 0)), keep the top q,
-//    clamp at 1e-12 (GradSentry's floor), p = s / sum s (or s^2 / sum s^2), H = -sum p ln p / ln q.
+// 1. logsumexp_update: the full-vocabulary softmax normaliser, one vocabulary chunk at a time (online logsumexp:
+//    m' = max(m, max_j z_j), s' = s e^(m - m') + sum_j e^(z_j - m')), so the B x T x V logits never exist.
+// 2. crop_error_rows: E[t, j] = exp(z[t, j] - lse[t]) - [j == y_t] over the cropped logits, in place.
+// 3. spectrum_entropy: singular values -> top q (zero-padded) -> clamp at 1e-12 (GradSentry's floor) ->
+//    p = s / sum s (or s^2 / sum s^2) -> H = -sum p ln p / ln q.
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -14,28 +16,83 @@
 
 namespace tgf {
 
-void crop_error_rows(float* z, int64_t rows, int64_t cols, int64_t row_stride, const float* lse, const int64_t* labels) {
+namespace {
+int threads_for(int64_t work, int nthreads) {
+  if (nthreads <= 0) nthreads = max_threads();
+  return work < (1 << 16) ? 1 : nthreads;  // below ~64k elements a parallel region costs more than it saves
+}
+}  // namespace
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void logsumexp_update(const float* z, int64_t rows, int64_t cols, int64_t row_stride, double* m, double* s,
+                      int64_t* bad, int nthreads) {
+  const float kMax = std::numeric_limits<float>::max();
+  const int t = threads_for(rows * cols, nthreads);
 #ifdef TGF_HAVE_OPENMP
-#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
+#pragma omp parallel for num_threads(t) schedule(static)
 #endif
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = z + r * row_stride;
-    const float m = lse[r];
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) row[j] = std::exp(row[j] - m);
-    int64_t y = labels[r];
-    if (y >= 0 && y < cols) row[y] -= 1.0f;
+    const float* row = z + r * row_stride;
+    float mx = -kMax;
+    int64_t nb = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : nb)
+    for (int64_t j = 0; j < cols; ++j) {
+      float v = row[j];
+      bool fin = std::fabs(v) <= kMax;  // false for inf and nan
+      mx = fin ? std::max(mx, v) : mx;
+      nb += fin ? 0 : 1;
+    }
+    const double m_new = std::max(m[r], static_cast<double>(mx));
+    const float mf = static_cast<float>(m_new);
+    // exp in float on (z - m) <= ~0: relative error ~1e-7 per term; the sum is carried in double.
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < cols; ++j) {
+      float v = row[j];
+      bool fin = std::fabs(v) <= kMax;
+      acc += fin ? static_cast<double>(std::exp(v - mf)) : 0.0;
+    }
+    // (v - mf) in float drops the sub-ulp part of m_new; correct the sum by exp(mf - m_new) so lse stays exact.
+    acc *= std::exp(static_cast<double>(mf) - m_new);
+    s[r] = s[r] * std::exp(m[r] - m_new) + acc;
+    m[r] = m_new;
+    bad[r] += nb;
   }
 }
 
-void spectrum_entropy(const double* evals, int64_t batch, int64_t n, int64_t q, bool squared, double* out) {
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void crop_error_rows(float* z, int64_t rows, int64_t cols, int64_t row_stride, const double* lse,
+                     const int64_t* labels, int nthreads) {
+  const int t = threads_for(rows * cols, nthreads);
+#ifdef TGF_HAVE_OPENMP
+#pragma omp parallel for num_threads(t) schedule(static)
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = z + r * row_stride;
+    const double m = lse[r];
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) row[j] = std::exp(static_cast<float>(static_cast<double>(row[j]) - m));
+    const int64_t y = labels[r];
+    if (y >= 0 && y < cols) row[y] -= 1.0f;  // the target's column is outside the crop for most tokens
+  }
+}
+
+void spectrum_entropy(const double* svals, int64_t batch, int64_t n, int64_t q, bool squared, double* out) {
   const double floor = 1e-12;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  std::vector<double> s;
   for (int64_t b = 0; b < batch; ++b) {
-    std::vector<double> s(evals + b * n, evals + (b + 1) * n);
-    for (double& v : s) v = std::sqrt(std::max(v, 0.0));
-    std::sort(s.begin(), s.end(), std::greater<double>());
-    // Values past the rank of G are exactly zero; GradSentry's top-q always has q of them, floored at 1e-12.
-    s.resize(q, 0.0);
+    const double* row = svals + b * n;
+    s.assign(row, row + n);
+    if (std::any_of(s.begin(), s.end(), [](double v) { return std::isnan(v); })) {
+      out[b] = nan;  // a sample without a gradient (no scored token) stays flagged, never scored
+      continue;
+    }
+    const int64_t k = std::min(n, q);
+    std::partial_sort(s.begin(), s.begin() + k, s.end(), std::greater<double>());
+    // Values past the rank of G are zero; GradSentry's top-q always has q of them, floored at 1e-12.
+    s.resize(q);
+    std::fill(s.begin() + k, s.end(), 0.0);
     double total = 0;
     for (double& v : s) {
       v = std::max(v, floor);
@@ -44,10 +101,10 @@ void spectrum_entropy(const double* evals, int64_t batch, int64_t n, int64_t q, 
     }
     double h = 0;
     for (double v : s) {
-      double p = v / total;
+      const double p = v / total;
       if (p > 0) h -= p * std::log(p);
     }
-    out[b] = q > 1 ? h / std::log(static_cast<double>(q)) : 0.0;
+    out[b] = h / std::log(static_cast<double>(q));
   }
 }
 

@@ -69,15 +69,32 @@ PYBIND11_MODULE(_C, m) {
       py::arg("limit") = 0, py::arg("nthreads") = 0,
       "(S, sum P ln P, non-finite count) of P = |X|^2 over a complex tile; row r keeps columns 0..limit[r]");
   m.def(
-      "crop_error_rows",
-      [](uintptr_t z, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t lse, uintptr_t labels) {
+      "logsumexp_update",
+      [](uintptr_t z, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t m, uintptr_t s, uintptr_t bad,
+         int nthreads) {
         py::gil_scoped_release nogil;
-        crop_error_rows(ptr<float>(z), rows, cols, row_stride, ptr<const float>(lse), ptr<const int64_t>(labels));
-      });
+        logsumexp_update(ptr<const float>(z), rows, cols, row_stride, ptr<double>(m), ptr<double>(s),
+                         ptr<int64_t>(bad), nthreads);
+      },
+      py::arg("z"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("m"), py::arg("s"),
+      py::arg("bad"), py::arg("nthreads") = 0,
+      "online logsumexp over a float32 logits chunk: updates running max m, sum s (float64) and non-finite count");
+  m.def(
+      "crop_error_rows",
+      [](uintptr_t z, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t lse, uintptr_t labels,
+         int nthreads) {
+        py::gil_scoped_release nogil;
+        crop_error_rows(ptr<float>(z), rows, cols, row_stride, ptr<const double>(lse), ptr<const int64_t>(labels),
+                        nthreads);
+      },
+      py::arg("z"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("lse"), py::arg("labels"),
+      py::arg("nthreads") = 0, "E = exp(z - lse) - onehot(label) over float32 cropped logits, in place");
   m.def(
       "spectrum_entropy",
-      [](uintptr_t evals, int64_t batch, int64_t n, int64_t q, bool squared, uintptr_t out) {
+      [](uintptr_t svals, int64_t batch, int64_t n, int64_t q, bool squared, uintptr_t out) {
         py::gil_scoped_release nogil;
-        spectrum_entropy(ptr<const double>(evals), batch, n, q, squared, ptr<double>(out));
-      });
+        spectrum_entropy(ptr<const double>(svals), batch, n, q, squared, ptr<double>(out));
+      },
+      py::arg("svals"), py::arg("batch"), py::arg("n"), py::arg("q"), py::arg("squared"), py::arg("out"),
+      "normalised entropy of the top q singular values per row (float64); NaN rows give NaN");
 }

@@ -27,6 +27,112 @@ def moments(x: torch.Tensor) -> Moments:
                    float(v.min()), float(v.max()), float(v.abs().sum()), float((v ** 2).sum()), nonfinite)
 
 
+# --- gram_entropy / fft_entropy: the gradient matrix G_b = E_b^T H_b materialised in float64 -----------------------
+
+def gram_matrices(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """G_b = E_b^T H_b for E (B, T, V') and H (B, T, d'), in float64: (B, V', d')."""
+    return e.detach().to(torch.float64).mT @ h.detach().to(torch.float64)
+
+
+def gram_spectrum(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Singular values of each G_b by torch.linalg.svdvals, descending, cut or zero-padded to T: (B, T) float64."""
+    g = gram_matrices(e, h)
+    t = e.shape[-2]
+    s = torch.linalg.svdvals(g) if g.numel() else g.new_zeros(g.shape[0], 0)
+    out = s.new_zeros(g.shape[0], t)
+    k = min(t, s.shape[-1])
+    out[:, :k] = s[:, :k]
+    return out
+
+
+def spectral_entropy(svals: torch.Tensor, rank: int = 16, squared: bool = False) -> torch.Tensor:
+    """GradSentry's normalised entropy per row: top `rank` values (zero-padded), clamp 1e-12, p = s / sum s (or
+    s^2 / sum s^2), -sum p ln p / ln(rank). A row holding a NaN gives NaN."""
+    s = svals.detach().to(torch.float64)
+    s = s.unsqueeze(0) if s.dim() == 1 else s
+    top = torch.sort(s, dim=-1, descending=True).values[:, :rank]
+    top = torch.cat([top, top.new_zeros(top.shape[0], rank - top.shape[1])], 1).clamp_min(1e-12)
+    if squared:
+        top = top * top
+    p = top / top.sum(-1, keepdim=True)
+    h = -(p * p.log()).sum(-1) / math.log(rank)
+    return torch.where(torch.isnan(s).any(-1), torch.full_like(h, math.nan), h)
+
+
+def lm_head_error_blocks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, crop: int = 8):
+    """(E, H, n) from materialised float64 logits: E_t = softmax(z_t)[:V//crop] - onehot(y_t)[:V//crop] and
+    H_t = h_t[:d//crop] at the scored positions (targets != -100), packed per sample and zero-padded to the largest
+    count (at least 1); n = scored positions per sample."""
+    w = weight.detach().to(torch.float64)
+    v, d = w.shape
+    keep = targets != -100
+    n = keep.sum(1)
+    tmax = max(1, int(n.max())) if n.numel() else 1
+    e = torch.zeros(hidden.shape[0], tmax, v // crop, dtype=torch.float64, device=hidden.device)
+    hh = torch.zeros(hidden.shape[0], tmax, d // crop, dtype=torch.float64, device=hidden.device)
+    for b in range(hidden.shape[0]):
+        h = hidden[b][keep[b]].detach().to(torch.float64)
+        y = targets[b][keep[b]]
+        probs = torch.softmax(h @ w.T, dim=-1) - torch.nn.functional.one_hot(y, v).to(torch.float64)
+        e[b, : len(y)] = probs[:, : v // crop]
+        hh[b, : len(y)] = h[:, : d // crop]
+    return e, hh, n
+
+
+def gram_spectrum_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, crop: int = 8):
+    """(svals (B, Tmax) float64, n (B,)): svdvals of the cropped lm_head gradient of the mean answer-token CE,
+    G = E^T H / n, from materialised float64 logits. NaN rows for samples with no scored position."""
+    e, h, n = lm_head_error_blocks(hidden, weight, targets, crop)
+    s = gram_spectrum(e, h) / n.clamp_min(1).to(torch.float64).unsqueeze(1)
+    s[n == 0] = math.nan
+    return s, n
+
+
+def fft_power_sums_signal(x: torch.Tensor, onesided: bool = True, remove_mean: bool = False):
+    """(S, sum P ln P, bins) of P = |X|^2 of the row-major flattened x, from torch.fft in float64. Mean removal
+    drops bin 0 (X_0 = N * mean)."""
+    flat = x.detach().to(torch.float64).reshape(-1)
+    spec = torch.fft.rfft(flat) if onesided else torch.fft.fft(flat)
+    if remove_mean:
+        spec = spec[1:]
+    power = spec.real ** 2 + spec.imag ** 2
+    pos = power[power > 0]
+    return float(power.sum()), float((pos * pos.log()).sum()), power.numel()
+
+
+def fft_entropy_signal(x: torch.Tensor, onesided: bool = True, remove_mean: bool = False,
+                       normalize: bool = True) -> float:
+    """-sum p ln p with p = P / sum P over the chosen bins (divided by ln(bins) if normalize), computed directly.
+    NaN when the spectrum has no energy, or normalising with fewer than 2 bins."""
+    flat = x.detach().to(torch.float64).reshape(-1)
+    spec = torch.fft.rfft(flat) if onesided else torch.fft.fft(flat)
+    if remove_mean:
+        spec = spec[1:]
+    power = spec.real ** 2 + spec.imag ** 2
+    total = power.sum()
+    if not bool(total > 0) or (normalize and power.numel() < 2):
+        return math.nan
+    p = power[power > 0] / total
+    h = float(-(p * p.log()).sum())
+    return h / math.log(power.numel()) if normalize else h
+
+
+def fft_entropy(e: torch.Tensor, h: torch.Tensor, onesided: bool = True, remove_mean: bool = False,
+                normalize: bool = True) -> torch.Tensor:
+    """`fft_entropy_signal` of each materialised G_b = E_b^T H_b (row-major flattening): (B,) float64."""
+    g = gram_matrices(e, h)
+    return torch.tensor([fft_entropy_signal(gb, onesided, remove_mean, normalize) for gb in g], dtype=torch.float64)
+
+
+def fft_entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, crop: int = 8,
+                            onesided: bool = True, remove_mean: bool = False, normalize: bool = True) -> torch.Tensor:
+    """`fft_entropy` of the cropped lm_head gradient G = E^T H / n per sample; NaN where n = 0."""
+    e, h, n = lm_head_error_blocks(hidden, weight, targets, crop)
+    out = fft_entropy(e, h, onesided, remove_mean, normalize)
+    out[n == 0] = math.nan
+    return out
+
+
 def outer_moments(u: torch.Tensor, x: torch.Tensor) -> Moments:
     """Moments of the m x n matrix U^T X (U: k x m, X: k x n), materialised in float64."""
     u2 = u.detach().to(torch.float64).reshape(-1, u.shape[-1]) if u.dim() else u.detach().double().reshape(1, 1)
