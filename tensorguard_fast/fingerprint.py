@@ -1,0 +1,133 @@
+"""`fast_fingerprint(model_or_path, profile, seed, device) -> Fingerprint`, and the `Fingerprint` record itself.
+
+Two profiles:
+- "tensorguard": TensorGuard's published fingerprint (arXiv 2506.01631, its public code), computed exactly and in one
+  read of each selected tensor (fingerprint_tensorguard.py).
+- "full" (default): our own, built to tell apart families with identical shapes and to survive fine-tuning,
+  quantisation, pruning and vocabulary growth (fingerprint_full.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+
+from . import __version__
+from .io.loading import open_model
+
+PROFILES = ("full", "tensorguard")
+
+# TensorGuard's key names, in the order its extractor writes them (the "norm_*" group only appears when a selected
+# 2-D tensor has "norm" in its name; it is kept when present).
+TENSORGUARD_KEYS = ["global_mean", "global_std", "global_norm", "global_skewness", "global_kurtosis",
+                    "attention_mean", "attention_std", "attention_norm", "ffn_mean", "ffn_std", "ffn_norm",
+                    "embedding_mean", "embedding_std", "embedding_norm", "total_params", "num_layers"]
+
+
+@dataclass
+class Fingerprint:
+    """A fixed-order feature vector with its names and where it came from.
+
+    metadata keys: model (name), path, file_hashes, profile, seed, version, plus profile-specific facts
+    (tensor count, non-finite values found, seconds taken).
+    """
+
+    vector: np.ndarray
+    names: List[str]
+    metadata: Dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.vector = np.asarray(self.vector, dtype=np.float64).reshape(-1)
+        if len(self.names) != self.vector.size:
+            raise ValueError(f"Fingerprint: {self.vector.size} values but {len(self.names)} names")
+
+    @property
+    def profile(self) -> str:
+        return self.metadata.get("profile", "unknown")
+
+    @property
+    def model(self) -> str:
+        return self.metadata.get("model", "model")
+
+    def as_dict(self) -> Dict[str, float]:
+        return dict(zip(self.names, self.vector.tolist()))
+
+    def to_json(self, path: Union[str, Path, None] = None) -> str:
+        data = {"format": "tensorguard-fast-fingerprint", "names": self.names,
+                "vector": [v if math.isfinite(v) else None for v in self.vector.tolist()], "metadata": self.metadata}
+        text = json.dumps(data, indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: Union[str, Path]) -> "Fingerprint":
+        """Read `to_json` output (a path or the JSON text); TensorGuard's feature files are recognised too."""
+        text = str(path_or_text)
+        source = None
+        if not text.lstrip().startswith("{"):
+            source = Path(text)
+            text = source.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source or 'text'}: not a fingerprint JSON ({exc})") from exc
+        if data.get("format") != "tensorguard-fast-fingerprint":
+            if "global_mean" in data and "model_name" in data:
+                return cls._from_tensorguard_dict(data, str(source) if source else None)
+            raise ValueError(f"{source or 'text'}: not a tensorguard-fast fingerprint (no 'format' key)")
+        vector = [math.nan if v is None else v for v in data["vector"]]
+        return cls(np.array(vector, dtype=np.float64), list(data["names"]), dict(data.get("metadata", {})))
+
+    @classmethod
+    def from_tensorguard_json(cls, path: Union[str, Path]) -> "Fingerprint":
+        """One of TensorGuard's released per-model feature files (features/<model>_features.json)."""
+        data = json.loads(Path(path).read_text())
+        return cls._from_tensorguard_dict(data, str(path))
+
+    @classmethod
+    def _from_tensorguard_dict(cls, data: dict, path: Optional[str]) -> "Fingerprint":
+        missing = [k for k in ("global_mean", "global_std", "global_norm") if k not in data]
+        if missing:
+            raise ValueError(f"{path}: not a TensorGuard feature file (missing {missing})")
+        names = [k for k in TENSORGUARD_KEYS if k in data]
+        # Extra numeric groups TensorGuard may write (norm_*), kept after the standard keys.
+        names += [k for k, v in data.items() if k not in names and k != "model_name"
+                  and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        vector = [float(data[k]) for k in names]
+        meta = {"model": data.get("model_name", Path(path).stem if path else "model"), "path": path,
+                "profile": "tensorguard", "seed": 0, "version": "tensorguard-release", "file_hashes": {}}
+        return cls(np.array(vector), names, meta)
+
+
+def fast_fingerprint(model_or_path, profile: str = "full", seed: int = 0, device=None, allow_pickle: bool = False,
+                     base: Optional[str] = None, name: Optional[str] = None) -> Fingerprint:
+    """Fingerprint a model: a path (safetensors file, sharded or HF directory, GGUF, LoRA adapter directory), a hub
+    id, an nn.Module or a state dict. Weights are read one tensor at a time (see io/loading.py).
+
+    profile: "full" (default, ours) or "tensorguard" (TensorGuard's published features). seed: probe seed (0 is
+    TensorGuard's). device: where the mat-vecs run (default: CUDA if available, else CPU).
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {PROFILES}")
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    source = open_model(model_or_path, allow_pickle=allow_pickle, base=base)
+    t0 = time.perf_counter()
+    if profile == "tensorguard":
+        from .fingerprint_tensorguard import tensorguard_features as compute
+    else:
+        from .fingerprint_full import full_features as compute
+    names, values, extra = compute(source, seed=seed, device=torch.device(device))
+    meta = {"model": name or source.name, "path": source.path, "file_hashes": source.file_hashes(),
+            "profile": profile, "seed": seed, "version": __version__}
+    meta.update(extra)
+    meta["seconds"] = round(time.perf_counter() - t0, 4)
+    return Fingerprint(np.array(values, dtype=np.float64), names, meta)
