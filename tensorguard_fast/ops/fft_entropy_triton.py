@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-_DBL_MAX = 1.7976931348623157e308
+_DBL_MAX = tl.constexpr(1.7976931348623157e308)  # a Triton global must be a constexpr
 _BLOCK_R = 8
 _BLOCK_C = 256
 
@@ -69,3 +69,12 @@ def power_sums(spec: torch.Tensor, limit: Optional[torch.Tensor], skip_first: bo
                                       BLOCK_C=_BLOCK_C)
     tot = parts.sum(1)
     return tot[:, 0], tot[:, 1], tot[:, 2]
+
+
+# Compiled for sm_90 on the CPU by tests/test_triton_compile.py (the interpreter is more lenient than the compiler).
+COMPILE_SPECS = [
+    (_power_sums_kernel,
+     {"x_ptr": f"*{t}", "rows": "i64", "cols": "i64", "limit_ptr": "*i64", "skip_first": "i32", "part_ptr": "*fp64"},
+     {"BLOCK_R": _BLOCK_R, "BLOCK_C": _BLOCK_C})
+    for t in ("fp32", "fp64")
+]

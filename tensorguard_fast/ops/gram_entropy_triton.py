@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-_FLT_MAX = 3.4028234663852886e38
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a Triton global must be a constexpr
 _BLOCK_R = 16  # rows per program: the scored tokens of a batch are tens to thousands
 _BLOCK_C = 128
 _COLS_PER_PROGRAM = 2048  # column split: enough programs to fill a GPU even when a batch has few scored rows
@@ -93,3 +93,15 @@ def crop_error_rows(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) ->
     block_c = 256
     grid = (triton.cdiv(rows, _BLOCK_R), triton.cdiv(cols, block_c))
     _crop_error_kernel[grid](z, z.stride(0), rows, cols, lse, labels, BLOCK_R=_BLOCK_R, BLOCK_C=block_c)
+
+
+# Compiled for sm_90 on the CPU by tests/test_triton_compile.py (the interpreter is more lenient than the compiler).
+COMPILE_SPECS = [
+    (_logsumexp_chunk_kernel,
+     {"z_ptr": "*fp32", "stride": "i64", "rows": "i64", "cols": "i64", "part_m_ptr": "*fp32", "part_s_ptr": "*fp32",
+      "part_bad_ptr": "*i64"},
+     {"COLS_PER_PROGRAM": _COLS_PER_PROGRAM, "BLOCK_R": _BLOCK_R, "BLOCK_C": _BLOCK_C}),
+    (_crop_error_kernel,
+     {"z_ptr": "*fp32", "stride": "i64", "rows": "i64", "cols": "i64", "lse_ptr": "*fp64", "label_ptr": "*i64"},
+     {"BLOCK_R": _BLOCK_R, "BLOCK_C": 256}),
+]
