@@ -88,6 +88,13 @@ def gram_spectrum_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, target
     return s, n
 
 
+def gram_entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, crop: int = 8,
+                             rank: int = 16, squared: bool = False) -> torch.Tensor:
+    """GradSentry's score per sample from materialised float64 logits: `spectral_entropy` of
+    `gram_spectrum_from_hidden`; NaN for samples with no scored token."""
+    return spectral_entropy(gram_spectrum_from_hidden(hidden, weight, targets, crop)[0], rank, squared)
+
+
 def fft_power_sums_signal(x: torch.Tensor, onesided: bool = True, remove_mean: bool = False):
     """(S, sum P ln P, bins) of P = |X|^2 of the row-major flattened x, from torch.fft in float64. Mean removal
     drops bin 0 (X_0 = N * mean)."""
