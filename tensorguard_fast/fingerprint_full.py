@@ -77,7 +77,10 @@ def _sketch(w: torch.Tensor, x: torch.Tensor, rows: int, stride: int = 1):
     rms = torch.sqrt((v * v).sum() / max(int(finite.sum()), 1))
     out = torch.zeros(rows, dtype=torch.float64)
     if rms > 0:
-        idx = (torch.arange(rows, device=v.device) * stride) % v.numel()
+        # Modulo the largest power of two <= d_out: an extended vocabulary keeps the same rows (unless it crosses
+        # a power of two), and a small vocabulary still gives `rows` entries.
+        span = 1 << (v.numel().bit_length() - 1)
+        idx = (torch.arange(rows, device=v.device) * stride) % span
         out[:] = (v[idx] / rms).cpu()
     return out, bad
 

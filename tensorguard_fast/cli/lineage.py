@@ -1,0 +1,224 @@
+"""Model lineage commands: fingerprint, compare, classify, store, plot.
+
+Every MODEL argument may be a model (safetensors file, model directory, sharded directory, GGUF, LoRA adapter
+directory, hub id) or a fingerprint JSON written by `fingerprint` (TensorGuard's released feature files too).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+# A pairwise verdict for `compare` with the full profile: unrelated models sit at distance ~ sqrt(2) (independent
+# unit-RMS sketches), derivatives in the zoo below 0.35; half of sqrt(2) is the midpoint.
+FULL_SAME_FAMILY = 0.7
+
+
+def _progress(items, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, disable=len(items) < 2 or not sys.stderr.isatty(), file=sys.stderr)
+    except ImportError:
+        return items
+
+
+def load_any(spec: str, profile: Optional[str], args):
+    """A Fingerprint from a fingerprint JSON file, else by fingerprinting the model at `spec`."""
+    from ..fingerprint import Fingerprint, fast_fingerprint
+
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".json" and not path.name.endswith("index.json") \
+            and path.name not in ("config.json", "adapter_config.json"):
+        fp = Fingerprint.from_json(path)
+        if profile and fp.profile != profile:
+            raise ValueError(f"{spec}: fingerprint has profile {fp.profile!r}, but --profile {profile} was asked")
+        return fp
+    return fast_fingerprint(spec, profile=profile or "full", seed=args.seed, device=args.device,
+                            allow_pickle=args.allow_pickle)
+
+
+def _load_many(specs: List[str], args):
+    return [load_any(s, args.profile, args) for s in _progress(specs, "fingerprinting")]
+
+
+def _common(p):
+    p.add_argument("--profile", choices=("full", "tensorguard"), default=None,
+                   help="fingerprint profile for models (default full; JSON inputs keep theirs)")
+    p.add_argument("--seed", type=int, default=0, help="probe seed (0 = TensorGuard's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickled .bin/.pt checkpoints (torch.load weights_only=True)")
+
+
+def cmd_fingerprint(args) -> int:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in _progress(args.models, "fingerprinting"):
+        fp = load_any(spec, args.profile, args)
+        target = out / f"{fp.model}.{fp.profile}.json"
+        fp.to_json(target)
+        print(f"{spec}: {fp.profile} fingerprint, {fp.vector.size} features, {fp.metadata.get('seconds', 0):.2f}s "
+              f"-> {target}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ..family import distance, similarity
+
+    a, b = load_any(args.a, args.profile, args), load_any(args.b, args.profile, args)
+    d, s = distance(a, b), similarity(a, b)
+    result = {"a": a.model, "b": b.model, "profile": a.profile, "distance": d, "similarity": s}
+    if a.profile == "full":
+        result["same_family"] = d <= FULL_SAME_FAMILY
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        verdict = ""
+        if "same_family" in result:
+            verdict = "  -> same family" if result["same_family"] else "  -> different families"
+        print(f"{a.model} vs {b.model} ({a.profile}): distance {d:.4g}, similarity {s:.4f}{verdict}")
+    return 0
+
+
+def _bases(specs: List[str], args):
+    bases = {}
+    for item in specs:
+        if "=" not in item:
+            raise ValueError(f"--base {item!r}: expected NAME=MODEL_OR_FINGERPRINT")
+        name, spec = item.split("=", 1)
+        bases[name] = load_any(spec, args.profile, args)
+    return bases
+
+
+def cmd_classify(args) -> int:
+    from ..family import FamilyClassifier
+
+    bases = _bases(args.base, args)
+    fps = _load_many(args.models, args)
+    clf = FamilyClassifier(bases, method=args.method, open_set=not args.closed_set, threshold=args.threshold)
+    preds = clf.fit_predict(fps)
+    rows = [p.as_dict() for p in preds]
+    print(f"{'model':<32} {'family':<16} {'distance':>10} {'margin':>10}  nearest")
+    for p in preds:
+        print(f"{p.model[:32]:<32} {p.family[:16]:<16} {p.distance:>10.4g} {p.margin:>10.4g}  {p.nearest}")
+    if clf.open_set:
+        print(f"(open set: unknown beyond distance {clf.threshold_used:.4g}; method {args.method})")
+    report = {"method": args.method, "threshold": clf.threshold_used, "bases": list(bases), "predictions": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_store(args) -> int:
+    from ..io.store import FingerprintStore
+
+    with FingerprintStore(args.db) as store:
+        if args.store_command == "add":
+            for spec in _progress(args.models, "adding"):
+                try:
+                    fp = load_any(spec, args.profile, args)
+                except (ValueError, FileNotFoundError, RuntimeError) as exc:
+                    store.record_failure(spec, args.profile or "full", str(exc))
+                    print(f"{spec}: failed ({exc})", file=sys.stderr)
+                    continue
+                rid = store.add(fp, family=args.family)
+                print(f"{spec}: stored as #{rid} ({fp.profile})")
+        elif args.store_command == "search":
+            fp = load_any(args.model, args.profile, args)
+            for d, rec in store.search(fp, k=args.k):
+                print(f"{d:10.4g}  #{rec['id']:<5} {rec['model']}  family={rec['family']}")
+        else:
+            for rec in store.list(args.profile):
+                print(f"#{rec['id']:<5} {rec['profile']:<12} {rec['model']}  family={rec['family']}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    from ..family import FamilyClassifier, _features, check_comparable
+
+    bases = _bases(args.base, args) if args.base else {}
+    fps = _load_many(args.models, args)
+    everything = list(bases.values()) + fps
+    if len(everything) < 2:
+        raise ValueError("plot needs at least two fingerprints")
+    for fp in everything[1:]:
+        check_comparable(everything[0], fp)
+    labels = list(bases) + ([p.family for p in FamilyClassifier(bases, method="nearest").fit_predict(fps)]
+                            if bases else [fp.model for fp in fps])
+    x = StandardScaler().fit_transform(np.nan_to_num(np.array([_features(fp) for fp in everything])))
+    xy = PCA(n_components=2).fit_transform(x) if x.shape[0] > 2 else np.c_[x[:, 0], np.zeros(len(x))]
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for fam in dict.fromkeys(labels):
+        idx = [i for i, lab in enumerate(labels) if lab == fam]
+        ax.scatter(xy[idx, 0], xy[idx, 1], label=fam, s=60)
+    for i, fp in enumerate(everything):
+        ax.annotate(fp.model[:24], xy[i], fontsize=7, alpha=0.8,
+                    weight="bold" if i < len(bases) else "normal")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(f"{everything[0].profile} fingerprints (PCA of standardised features)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=120)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fingerprint", help="fingerprint models, one JSON each")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("-o", "--output", default=".", help="directory for the JSON files")
+    _common(p)
+    p.set_defaults(func=cmd_fingerprint)
+
+    p = subparsers.add_parser("compare", help="distance and similarity of two models or fingerprints")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser("classify", help="assign models to the families of base models")
+    p.add_argument("--base", action="append", required=True, metavar="NAME=MODEL_OR_FP")
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_FP")
+    p.add_argument("--method", choices=("kmeans", "nearest"), default="kmeans")
+    p.add_argument("--closed-set", action="store_true", help="never answer 'unknown'")
+    p.add_argument("--threshold", type=float, default=None, help="open-set radius (default: calibrated)")
+    p.add_argument("--json", metavar="FILE", help="also write the predictions as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_classify)
+
+    p = subparsers.add_parser("store", help="a SQLite store of fingerprints: add, search, list")
+    sub = p.add_subparsers(dest="store_command", required=True)
+    a = sub.add_parser("add")
+    a.add_argument("db")
+    a.add_argument("models", nargs="+", metavar="MODEL_OR_FP")
+    a.add_argument("--family", default=None, help="label the added fingerprints with a family")
+    _common(a)
+    s = sub.add_parser("search")
+    s.add_argument("db")
+    s.add_argument("model", metavar="MODEL_OR_FP")
+    s.add_argument("-k", type=int, default=5)
+    _common(s)
+    ls = sub.add_parser("list")
+    ls.add_argument("db")
+    _common(ls)
+    p.set_defaults(func=cmd_store)
+
+    p = subparsers.add_parser("plot", help="PCA scatter of fingerprints coloured by family (PNG)")
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_FP")
+    p.add_argument("--base", action="append", default=[], metavar="NAME=MODEL_OR_FP")
+    p.add_argument("-o", "--output", default="lineage.png")
+    _common(p)
+    p.set_defaults(func=cmd_plot)

@@ -1,0 +1,163 @@
+"""Compare fingerprints and assign models to families (thin layer over numpy and scikit-learn).
+
+distance(a, b):
+- "full": RMS of the difference. Each block of the full vector has unit RMS, so unrelated models sit near
+  sqrt(2) ~ 1.41 and derivatives near 0.
+- "tensorguard": RMS of relative differences, |a - b| / ((|a| + |b|) / 2), over the features TensorGuard clusters on
+  (all but total_params). Its features span ten orders of magnitude and a pair has no population to standardise
+  on; the classifier standardises on the population exactly as TensorGuard does.
+similarity(a, b): cosine similarity for "full" (1 = same weights, ~0 = unrelated); 1 / (1 + distance) otherwise.
+
+FamilyClassifier, open set: a model is "unknown" when it is farther from every base than half the smallest distance
+between two bases (measured in the space the method assigns in). Why half: a member of a family should be closer to
+its base than to the midpoint towards any other base; a model beyond that radius from all bases is as far from each
+known family as the families are from each other, so calling it a member of any of them is a guess. With a single
+base there is no base-to-base distance; then the radius is max(median + 3 MADs, 2 x median) of the nearest-base
+distances of the population (an outlier rule; it assumes most models given are derivatives). `threshold=` overrides both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .fingerprint import Fingerprint
+
+EXCLUDED = {"tensorguard": ("total_params",)}  # TensorGuard clusters on every numeric key but total_params
+
+
+def _features(fp: Fingerprint) -> np.ndarray:
+    skip = EXCLUDED.get(fp.profile, ())
+    return np.array([v for n, v in zip(fp.names, fp.vector) if n not in skip], dtype=np.float64)
+
+
+def check_comparable(a: Fingerprint, b: Fingerprint) -> None:
+    if a.profile != b.profile:
+        raise ValueError(f"cannot compare a {a.profile!r} fingerprint ({a.model}) with a {b.profile!r} one "
+                         f"({b.model}); fingerprint both with the same --profile")
+    if a.names != b.names:
+        raise ValueError(f"fingerprints of {a.model} and {b.model} have different features (library versions "
+                         f"{a.metadata.get('version')} and {b.metadata.get('version')}); recompute one of them")
+
+
+def distance(a: Fingerprint, b: Fingerprint) -> float:
+    check_comparable(a, b)
+    x, y = _features(a), _features(b)
+    if a.profile == "tensorguard":
+        scale = (np.abs(x) + np.abs(y)) / 2
+        rel = np.where(scale > 0, np.abs(x - y) / np.where(scale > 0, scale, 1), 0.0)
+        return float(np.sqrt(np.mean(rel ** 2)))
+    return float(np.sqrt(np.mean((x - y) ** 2)))
+
+
+def similarity(a: Fingerprint, b: Fingerprint) -> float:
+    check_comparable(a, b)
+    if a.profile == "tensorguard":
+        return 1.0 / (1.0 + distance(a, b))
+    x, y = _features(a), _features(b)
+    den = np.linalg.norm(x) * np.linalg.norm(y)
+    return float(x @ y / den) if den > 0 else 0.0
+
+
+@dataclass
+class Prediction:
+    model: str
+    family: str          # a base's name, or "unknown" (open set)
+    distance: float      # to the base of `nearest`, in the method's space
+    known: bool
+    margin: float        # distance to the second-nearest base minus `distance` (large = clear-cut)
+    nearest: str         # the nearest base even when the model is called unknown
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class FamilyClassifier:
+    """Assign fingerprints to the families of `bases` (name -> Fingerprint).
+
+    method="kmeans": TensorGuard's procedure: standardise the features on the whole population (bases + models),
+    K-Means with one cluster per base, init = the bases' vectors, n_init=1; each cluster takes the family of the
+    base that seeded it. Distances are Euclidean in the standardised space.
+    method="nearest": the nearest base under `distance` (no population needed; stable when models are few).
+    """
+
+    def __init__(self, bases: Dict[str, Fingerprint], method: str = "kmeans", open_set: bool = True,
+                 threshold: Optional[float] = None):
+        if not bases:
+            raise ValueError("FamilyClassifier needs at least one base fingerprint")
+        if method not in ("kmeans", "nearest"):
+            raise ValueError(f"method must be 'kmeans' or 'nearest', not {method!r}")
+        first = next(iter(bases.values()))
+        for fp in bases.values():
+            check_comparable(first, fp)
+        self.bases = dict(bases)
+        self.method = method
+        self.open_set = open_set
+        self.threshold = threshold
+        self.threshold_used: Optional[float] = None
+
+    def fit_predict(self, fingerprints: Sequence[Fingerprint]) -> List[Prediction]:
+        names = list(self.bases)
+        first = self.bases[names[0]]
+        for fp in fingerprints:
+            check_comparable(first, fp)
+        if self.method == "kmeans":
+            dists, labels = self._kmeans(fingerprints)
+        else:
+            dists = np.array([[distance(fp, self.bases[n]) for n in names] for fp in fingerprints])
+            dists = dists.reshape(len(fingerprints), len(names))
+            labels = dists.argmin(axis=1) if len(fingerprints) else np.zeros(0, dtype=int)
+        base_d = self._base_distances()
+        self.threshold_used = self._calibrate(base_d, dists)
+        out = []
+        for i, fp in enumerate(fingerprints):
+            k = int(labels[i])
+            d = float(dists[i, k])
+            others = np.delete(dists[i], k)
+            margin = float(others.min() - d) if others.size else float("inf")
+            known = (not self.open_set) or d <= self.threshold_used
+            out.append(Prediction(fp.model, names[k] if known else "unknown", d, bool(known), margin, names[k]))
+        return out
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _kmeans(self, fingerprints):
+        from sklearn.cluster import KMeans
+        from sklearn.preprocessing import StandardScaler
+
+        names = list(self.bases)
+        pop = np.array([_features(self.bases[n]) for n in names] + [_features(fp) for fp in fingerprints])
+        pop = np.nan_to_num(pop, nan=0.0, posinf=0.0, neginf=0.0)
+        scaled = StandardScaler().fit_transform(pop)
+        centres = scaled[:len(names)]
+        self._scaled_bases = centres
+        models = scaled[len(names):]
+        if len(names) > 1 and len(pop) >= len(names):
+            km = KMeans(n_clusters=len(names), init=centres, n_init=1).fit(scaled)
+            labels = km.labels_[len(names):]
+        else:
+            labels = np.zeros(len(models), dtype=int)
+        dists = np.sqrt(((models[:, None, :] - centres[None, :, :]) ** 2).sum(-1)).reshape(len(models), len(names))
+        return dists, labels
+
+    def _base_distances(self) -> np.ndarray:
+        names = list(self.bases)
+        if self.method == "kmeans":
+            c = self._scaled_bases
+            return np.sqrt(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1))
+        return np.array([[distance(self.bases[a], self.bases[b]) for b in names] for a in names])
+
+    def _calibrate(self, base_d: np.ndarray, dists: np.ndarray) -> float:
+        if self.threshold is not None:
+            return float(self.threshold)
+        if len(base_d) > 1:
+            off = base_d[~np.eye(len(base_d), dtype=bool)]
+            return float(0.5 * off.min())
+        nearest = dists.min(axis=1) if dists.size else np.zeros(0)
+        if nearest.size == 0:
+            return float("inf")
+        med = float(np.median(nearest))
+        mad = float(np.median(np.abs(nearest - med)))
+        # at least twice the median: in few dimensions the distances of true members spread by a factor of ~2
+        return max(med + 3 * 1.4826 * mad, 2 * med) if med > 0 else float(nearest.max())
