@@ -3,7 +3,10 @@
 // 1. logsumexp_update: the full-vocabulary softmax normaliser, one vocabulary chunk at a time (online logsumexp:
 //    m' = max(m, max_j z_j), s' = s e^(m - m') + sum_j e^(z_j - m')), so the B x T x V logits never exist.
 // 2. crop_error_rows: E[t, j] = exp(z[t, j] - lse[t]) - [j == y_t] over the cropped logits, in place.
-// 3. spectrum_entropy: singular values -> top q (zero-padded) -> clamp at 1e-12 (GradSentry's floor) ->
+// 3. pivoted_cholesky: a factor L of each T x T Gram (K = E E^T, M = H H^T) that reveals its rank, so singular
+//    Grams (T > rank, repeated or zero rows) need no jitter and contribute exact zero columns. Single-threaded per
+//    matrix (T is small; MKL's threaded LAPACK on tiny matrices was 100x slower under load), OpenMP over the batch.
+// 4. spectrum_entropy: singular values -> top q (zero-padded) -> clamp at 1e-12 (GradSentry's floor) ->
 //    p = s / sum s (or s^2 / sum s^2) -> H = -sum p ln p / ln q.
 #include <algorithm>
 #include <cmath>
@@ -74,6 +77,49 @@ void crop_error_rows(float* z, int64_t rows, int64_t cols, int64_t row_stride, c
     for (int64_t j = 0; j < cols; ++j) row[j] = std::exp(static_cast<float>(static_cast<double>(row[j]) - m));
     const int64_t y = labels[r];
     if (y >= 0 && y < cols) row[y] -= 1.0f;  // the target's column is outside the crop for most tokens
+  }
+}
+
+void pivoted_cholesky(const double* m, int64_t batch, int64_t n, double rel_tol, double* l, int64_t* rank,
+                      int nthreads) {
+  const int t = threads_for(batch * n * n * n, nthreads);
+#ifdef TGF_HAVE_OPENMP
+#pragma omp parallel for num_threads(t) schedule(dynamic, 1)
+#endif
+  for (int64_t b = 0; b < batch; ++b) {
+    const double* a = m + b * n * n;
+    double* L = l + b * n * n;
+    std::fill(L, L + n * n, 0.0);
+    std::vector<double> d(n);
+    std::vector<char> used(n, 0);
+    double dmax = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      d[i] = a[i * n + i];
+      dmax = std::max(dmax, d[i]);
+    }
+    const double tol = rel_tol * dmax;
+    int64_t k = 0;
+    for (; k < n; ++k) {
+      int64_t p = -1;
+      double best = tol;
+      for (int64_t i = 0; i < n; ++i)
+        if (!used[i] && d[i] > best) { best = d[i]; p = i; }
+      if (p < 0) break;  // the rest of the Gram is rounding noise: rank k
+      used[p] = 1;
+      const double lpk = std::sqrt(d[p]);
+      const double* lp = L + p * n;
+      L[p * n + k] = lpk;
+      for (int64_t i = 0; i < n; ++i) {
+        if (used[i]) continue;
+        const double* li = L + i * n;
+        double s = a[i * n + p];
+        for (int64_t j = 0; j < k; ++j) s -= li[j] * lp[j];
+        const double v = s / lpk;
+        L[i * n + k] = v;
+        d[i] -= v * v;
+      }
+    }
+    rank[b] = k;
   }
 }
 

@@ -90,6 +90,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("z"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("lse"), py::arg("labels"),
       py::arg("nthreads") = 0, "E = exp(z - lse) - onehot(label) over float32 cropped logits, in place");
   m.def(
+      "pivoted_cholesky",
+      [](uintptr_t m, int64_t batch, int64_t n, double rel_tol, uintptr_t l, uintptr_t rank, int nthreads) {
+        py::gil_scoped_release nogil;
+        pivoted_cholesky(ptr<const double>(m), batch, n, rel_tol, ptr<double>(l), ptr<int64_t>(rank), nthreads);
+      },
+      py::arg("m"), py::arg("batch"), py::arg("n"), py::arg("rel_tol"), py::arg("l"), py::arg("rank"),
+      py::arg("nthreads") = 0, "rank-revealing Cholesky M = L L^T of each symmetric PSD float64 n x n matrix");
+  m.def(
       "spectrum_entropy",
       [](uintptr_t svals, int64_t batch, int64_t n, int64_t q, bool squared, uintptr_t out) {
         py::gil_scoped_release nogil;

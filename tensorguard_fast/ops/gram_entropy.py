@@ -38,27 +38,36 @@ def _as_batch(x: torch.Tensor, name: str, op: str) -> torch.Tensor:
     return x.detach()
 
 
-def check_blocks(e: torch.Tensor, h: torch.Tensor, op: str) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """Validate per-sample blocks E (B, T, V') and H (B, T, d') (2-D = one sample): shapes, device, finiteness.
-    Returns (E, H, was_2d). Non-finite values raise ValueError naming the first bad sample."""
+def check_blocks(e: torch.Tensor, h: torch.Tensor, op: str,
+                 check_finite: bool = True) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """Validate per-sample blocks E (B, T, V') and H (B, T, d') (2-D = one sample): shapes, device, and (unless the
+    caller checks it more cheaply itself) finiteness. Returns (E, H, was_2d). Non-finite values raise ValueError
+    naming the first bad sample."""
     single = isinstance(e, torch.Tensor) and e.dim() == 2
     e, h = _as_batch(e, "E", op), _as_batch(h, "H", op)
     if e.shape[:2] != h.shape[:2]:
         raise ValueError(f"{op}: E {tuple(e.shape)} and H {tuple(h.shape)} need the same (B, T)")
     if e.device != h.device:
         raise ValueError(f"{op}: E on {e.device}, H on {h.device}")
-    raise_if_nonfinite(e, "E", op)
-    raise_if_nonfinite(h, "H", op)
+    if check_finite:
+        raise_if_nonfinite(e, "E", op)
+        raise_if_nonfinite(h, "H", op)
     return e, h, single
 
 
 def raise_if_nonfinite(x: torch.Tensor, name: str, op: str) -> None:
     if x.numel() == 0:
         return
-    bad = ~torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+    # One float64 sum per sample instead of a boolean isfinite tensor: any NaN/Inf makes the sum non-finite, and
+    # float32/16 values cannot overflow a float64 sum (float64 inputs beyond ~1e300 are reported too).
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1).sum(1, dtype=torch.float64))
+    _raise_samples(bad, f"{name} holds NaN or Inf", op)
+
+
+def _raise_samples(bad: torch.Tensor, what: str, op: str) -> None:
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{op}: {name} of sample {b} holds NaN or Inf ({int(bad.sum())} sample(s) affected)")
+        raise ValueError(f"{op}: {what} in sample {b} ({int(bad.sum())} sample(s) affected)")
 
 
 # --- singular values of E^T H by the Gram route ---------------------------------------------------------------------
@@ -73,13 +82,52 @@ def _psd_factor(gram: torch.Tensor, cols: int) -> torch.Tensor:
     return q * w.sqrt().unsqueeze(-2)
 
 
-def _gram_route(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _grams(e: torch.Tensor, h: torch.Tensor, op: str):
+    """K = E E^T and M = H H^T in float64. A NaN/Inf anywhere in row t of E makes K_tt non-finite, so the diagonals
+    are the finiteness check, for free (no separate pass over E and H)."""
     e64, h64 = e.to(torch.float64), h.to(torch.float64)
-    fk = _psd_factor(e64 @ e64.mT, e.shape[-1])  # K = E E^T = Fk Fk^T
-    fm = _psd_factor(h64 @ h64.mT, h.shape[-1])  # M = H H^T = Fm Fm^T
+    k, m = e64 @ e64.mT, h64 @ h64.mT
+    for name, g in (("E", k), ("H", m)):
+        _raise_samples(~torch.isfinite(g.diagonal(dim1=-2, dim2=-1)).all(-1), f"{name} holds NaN or Inf", op)
+    return k, m
+
+
+def _gram_route(e: torch.Tensor, h: torch.Tensor, op: str) -> torch.Tensor:
+    k, m = _grams(e, h, op)
+    fk = _psd_factor(k, e.shape[-1])  # K = E E^T = Fk Fk^T
+    fm = _psd_factor(m, h.shape[-1])  # M = H H^T = Fm Fm^T
     # E^T H has the non-zero singular values of Fk^T Fm (both are "K^(1/2) M^(1/2)" up to orthogonal factors); the
     # T x T SVD of that product avoids squaring the condition number a second time.
     return torch.linalg.svdvals(fk.mT @ fm)
+
+
+def _pivoted_factor(gram: torch.Tensor, cols: int):
+    """(L, rank): L L^T = gram from the C++ rank-revealing Cholesky, columns past rank zero; the noise tolerance
+    is `_psd_factor`'s (LAPACK pstrf uses the same n * eps * max diag)."""
+    gram = gram.contiguous()
+    bsz, n, _ = gram.shape
+    factor = torch.empty_like(gram)
+    rank = torch.empty(bsz, dtype=torch.int64)
+    tol = max(n, cols, 1) * torch.finfo(torch.float64).eps
+    _backend.cpp().pivoted_cholesky(gram.data_ptr(), bsz, n, tol, factor.data_ptr(), rank.data_ptr(),
+                                    _backend.num_threads())
+    return factor, rank
+
+
+def _gram_route_cpu(e: torch.Tensor, h: torch.Tensor, op: str) -> torch.Tensor:
+    k, m = _grams(e, h, op)
+    lk, rk = _pivoted_factor(k, e.shape[-1])  # K = Lk Lk^T, rank rk
+    lm, rm = _pivoted_factor(m, h.shape[-1])  # M = Lm Lm^T, rank rm
+    # E^T H has the non-zero singular values of A = Lk^T Lm (rk x rm non-zero block); s^2 = eig of A A^T, or of
+    # A^T A when rm < rk: the Gram of the smaller side has no room for spurious (rounding-noise) eigenvalues, and its
+    # rows past that rank are exactly zero, so rank-deficient samples get exact zeros. eigvalsh (no vectors) rather
+    # than svdvals/eigh: MKL's threaded LAPACK with vectors ran 100x slower on tiny matrices on a loaded host.
+    a = lk.mT @ lm
+    a = torch.where((rm < rk).view(-1, 1, 1).to(a.device), a.mT, a)
+    size = max(1, int(torch.minimum(rk, rm).max()))
+    a = a[:, :size]  # rows past every sample's smaller rank are zero
+    w = torch.linalg.eigvalsh(a @ a.mT).clamp_min(0).sqrt().flip(-1)
+    return torch.cat([w, w.new_zeros(w.shape[0], e.shape[1] - size)], 1) if size < e.shape[1] else w
 
 
 def gram_spectrum(E: torch.Tensor, H: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
@@ -90,14 +138,17 @@ def gram_spectrum(E: torch.Tensor, H: torch.Tensor, backend: Optional[str] = Non
     and to T > rank. Non-finite inputs raise ValueError naming the sample. Backends 'cpp' and 'triton' both run the
     route in torch (no elementwise work to fuse here); 'reference' materialises G and calls torch.linalg.svdvals.
     """
-    e, h, single = check_blocks(E, H, "gram_spectrum")
+    e, h, single = check_blocks(E, H, "gram_spectrum", check_finite=False)
     chosen = _backend.choose("gram_spectrum", e.device, backend)
     if chosen == "reference":
+        check_blocks(e, h, "gram_spectrum")
         out = reference.gram_spectrum(e, h)
     elif e.shape[0] == 0 or e.shape[1] == 0:
         out = torch.zeros(e.shape[0], e.shape[1], dtype=torch.float64, device=e.device)
+    elif chosen == "cpp":
+        out = _gram_route_cpu(e, h, "gram_spectrum")
     else:
-        out = _gram_route(e, h)
+        out = _gram_route(e, h, "gram_spectrum")
     return out[0] if single else out
 
 
