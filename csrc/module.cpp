@@ -69,6 +69,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("limit") = 0, py::arg("nthreads") = 0,
       "(S, sum P ln P, non-finite count) of P = |X|^2 over a complex tile; row r keeps columns 0..limit[r]");
   m.def(
+      "twiddle_interleave",
+      [](uintptr_t zri, bool is_double, int64_t batch, int64_t rows, int64_t cols, int64_t k1_0, int64_t n,
+         uintptr_t out, int nthreads) {
+        py::gil_scoped_release nogil;
+        twiddle_interleave(ptr<const void>(zri), is_double, batch, rows, cols, k1_0, n, ptr<void>(out), nthreads);
+      },
+      py::arg("zri"), py::arg("is_double"), py::arg("batch"), py::arg("rows"), py::arg("cols"), py::arg("k1_0"),
+      py::arg("n"), py::arg("out"), py::arg("nthreads") = 0,
+      "four-step twiddle: out[b,j,c] = (zr + i zi)[b,j,c] * exp(-2 pi i (k1_0 + j) c / n), re/im rows -> complex");
+  m.def(
       "logsumexp_update",
       [](uintptr_t z, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t m, uintptr_t s, uintptr_t bad,
          int nthreads) {

@@ -17,8 +17,10 @@ reduced at once: neither G nor its spectrum is ever stored whole. The one-sided 
 row k1 keeps k2 <= (N//2 - k1) // N1.
 
 Where the work happens: FFTs and GEMMs in torch (pocketfft/MKL on CPU, cuBLAS/cuFFT on CUDA; complex64 for
-fp32/bf16/fp16 inputs, complex128 for float64); the fused power + two running sums in C++
-(`_C.fft_power_entropy`, float64 accumulation) on CPU tensors and in Triton (`fft_entropy_triton`) on CUDA tensors.
+fp32/bf16/fp16 inputs, complex128 for float64). On CPU tensors C++ fuses the twiddle with the re/im interleave
+(`_C.twiddle_interleave`, a per-row complex recurrence in double) and the power + two running sums
+(`_C.fft_power_entropy`, float64 accumulation); on CUDA tensors the twiddle is one table times one row per tile
+(torch) and the power + sums are a Triton kernel (`fft_entropy_triton`).
 The 'reference' backend materialises G and calls torch.fft in float64 (`reference.fft_entropy`).
 """
 from __future__ import annotations
@@ -144,11 +146,25 @@ def fft_entropy_signal(x: torch.Tensor, onesided: bool = True, remove_mean: bool
 # --- G = E^T H, four-step and tiled ---------------------------------------------------------------------------------
 
 def _twiddle(k1: torch.Tensor, n2: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
-    # (c * k1) mod N in exact integers first: the angle of w_N^(c k1) stays accurate for any N.
+    """w_N^(k1 c) for the given rows k1 and c < n2; (k1 c) mod N in exact integers first, so the angle stays
+    accurate for any N."""
     c = torch.arange(n2, dtype=torch.int64, device=device)
     phase = (k1.to(device).unsqueeze(1) * c) % n
     angle = phase.to(torch.float64) * (-2.0 * math.pi / n)
     return torch.polar(torch.ones_like(angle), angle).to(dtype)
+
+
+def _twiddled_tile(zri: torch.Tensor, a: int, n: int, ctype, base: Optional[torch.Tensor], chosen: str):
+    """(B, R, 2, N2) real GEMM output (re row, im row per k1) -> complex (B, R, N2) times w_N^((a + j) c)."""
+    bsz, r, _, n2 = zri.shape
+    if chosen == "cpp":
+        out = torch.empty(bsz, r, n2, dtype=ctype)
+        _backend.cpp().twiddle_interleave(zri.data_ptr(), ctype == torch.complex128, bsz, r, n2, a, n,
+                                          out.data_ptr(), _backend.num_threads())
+        return out
+    # w_N^((a + j) c) = w_N^(j c) * w_N^(a c): one table for all tiles and one row per tile, not R x N2 sin/cos
+    row = _twiddle(torch.tensor([a]), n2, n, ctype, zri.device)
+    return torch.complex(zri[:, :, 0], zri[:, :, 1]) * (base[:r] * row)
 
 
 def fft_power_sums(E: torch.Tensor, H: torch.Tensor, onesided: bool = True, remove_mean: bool = False,
@@ -177,6 +193,7 @@ def fft_power_sums(E: torch.Tensor, H: torch.Tensor, onesided: bool = True, remo
     hh = h.to(cdt)
     rows = tile_rows or max(1, min(n1, _TILE_ELEMENTS // max(1, bsz * n2)))
     bad = torch.zeros_like(total)
+    base = None if chosen == "cpp" else _twiddle(torch.arange(min(rows, n1)), n2, n, ctype, e.device)
     for a in range(0, n1, rows):
         if onesided and a > n // 2:
             break  # rows past N//2 hold no one-sided bin
@@ -184,8 +201,8 @@ def fft_power_sums(E: torch.Tensor, H: torch.Tensor, onesided: bool = True, remo
         r = k1.numel()
         # Z = Ehat[:, k1]^T H as one real GEMM: re/im of Ehat interleaved as 2R rows.
         ri = torch.view_as_real(ehat[:, :, a:a + r]).reshape(bsz, -1, 2 * r)
-        z = (ri.mT @ hh).view(bsz, r, 2, n2).permute(0, 1, 3, 2).contiguous()
-        z = torch.view_as_complex(z) * _twiddle(k1, n2, n, ctype, e.device)
+        zri = (ri.mT @ hh).contiguous().view(bsz, r, 2, n2)
+        z = _twiddled_tile(zri, a, n, ctype, base, chosen)
         spec = torch.fft.fft(z, dim=-1)  # (B, R, N2): bins k1 + N1 k2
         limit = ((n // 2 - k1) // n1).clamp(max=n2 - 1) if onesided else None
         s, p, nb = _accumulate(spec, limit, remove_mean and a == 0, chosen)
