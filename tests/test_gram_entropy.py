@@ -277,6 +277,20 @@ def test_triton_cpp_reference_agree(dtype):
 
 
 @requires_triton
+@pytest.mark.parametrize("b,t,vc,dc,rank_h,zero_rows", [(2, 7, 127, 13, None, 0), (2, 20, 300, 40, 3, 0),
+                                                        (1, 9, 1, 7, None, 2), (3, 33, 64, 5, None, 0)])
+def test_triton_backend_gram_route(b, t, vc, dc, rank_h, zero_rows):
+    # the CUDA route (eigh factors with the eigenvalue tolerance, then a T x T svdvals): no Triton kernel in it,
+    # so it runs on CPU tensors here exactly as it does on CUDA ones
+    e, h = blocks(b, t, vc, dc, torch.float32, seed=t, zero_rows=zero_rows, rank_h=rank_h)
+    dev = triton_device()
+    got = gram_spectrum(e.to(dev), h.to(dev), backend="triton").cpu()
+    assert_spectrum_close(got, reference.gram_spectrum(e, h), max(vc, dc, t))
+    want = reference.spectral_entropy(reference.gram_spectrum(e, h))
+    assert float((gram_entropy(e.to(dev), h.to(dev), backend="triton").cpu() - want).abs().max()) <= 1e-5
+
+
+@requires_triton
 def test_triton_nonfinite_logits_named():
     hid, w, tg = forward_inputs(3, 6, 200, 16, seed=2)
     w[150, 0] = math.nan
