@@ -9,8 +9,9 @@ What TensorGuard does (DESIGN.md section 2), reproduced here step by step:
    high_frequency]. Every sample restarts the torch RNG at `seed` and draws x = randn(1, d_in), so a tensor only
    ever sees five distinct probes: each distinct probe is computed once and weighted by how often it was drawn.
 4. Loss ||x W^T||; its gradient w.r.t. W is u x^T with u = W x / ||W x||. mean, std, Frobenius norm, skewness and
-   excess kurtosis of that d_out x d_in gradient come exactly from `outer_moments(u, x)` in O(d_out + d_in):
-   sum_ij (u_i x_j)^p = (sum_i u_i^p)(sum_j x_j^p). The gradient is never formed.
+   excess kurtosis of that d_out x d_in gradient come exactly from the rank-1 factorisation of `outer_moments` in
+   O(d_out + d_in): sum_ij (u_i x_j)^p = (sum_i u_i^p)(sum_j x_j^p), batched over the distinct probes so W is read
+   once (X W^T). The gradient is never formed.
 5. Statistics averaged over samples, then over tensors (global_*) and within groups (attention_*, ffn_*,
    embedding_*; a group absent from the selection is written as 0, as TensorGuard's clustering reads it).
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from .io.loading import ModelLoadError, WeightSource
-from .ops.moments import outer_moments
+from .ops.stats import from_power_sums
 
 NOISE_TYPES = ["adversarial", "structured", "gaussian", "low_frequency", "high_frequency"]
 NUM_SAMPLES = 15
@@ -149,14 +150,33 @@ class ProbeFactory:
         return self.cache[key]
 
 
-def gradient_stats(w: torch.Tensor, x: torch.Tensor) -> Tuple[Dict[str, float], int]:
-    """mean, std, norm, skewness, kurtosis of d||W x||/dW = u x^T, from one mat-vec and the rank-1 moments."""
-    v = (w @ x.to(w.device)).to(torch.float64)
+def gradient_stats(w: torch.Tensor, probes: torch.Tensor) -> Tuple[List[Dict[str, float]], int]:
+    """mean, std, norm, skewness, kurtosis of d||W x||/dW = u x^T for each probe x (rows of `probes`, k x d_in).
+
+    One pass over W for all k probes (X W^T); then, per probe, sum_ij (u_i x_j)^p = (sum_i u_i^p)(sum_j x_j^p)
+    for p = 1..4 (the rank-1 factorisation of `outer_moments`, batched over the probes so the d_out-long vectors
+    are walked once, not once per probe), finished by the same `from_power_sums` as `outer_moments`.
+    Statistics are over the finite gradient entries; the count of non-finite rows of V is returned.
+    """
+    v = (probes.to(w.device) @ w.T).to(torch.float64).cpu()          # k x d_out: rows contiguous for reductions
     finite = torch.isfinite(v)
-    u = v / torch.linalg.vector_norm(v[finite])
-    m = outer_moments(u.cpu(), x.to(torch.float64))
-    stats = {"mean": m.mean, "std": m.std, "norm": m.l2, "skewness": m.skewness, "kurtosis": m.kurtosis}
-    return stats, int((~finite).sum())
+    v = torch.where(finite, v, torch.zeros_like(v))
+    u = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    x = probes.to(torch.float64)                                      # k x d_in
+    u2, x2 = u * u, x * x
+    su = torch.stack([u.sum(1), u2.sum(1), (u2 * u).sum(1), (u2 * u2).sum(1), u.abs().sum(1)]).T.tolist()
+    sx = torch.stack([x.sum(1), x2.sum(1), (x2 * x).sum(1), (x2 * x2).sum(1), x.abs().sum(1)]).T.tolist()
+    n_rows = finite.all(dim=0)
+    count = int(n_rows.sum()) * x.shape[1]
+    umin, umax = u.amin(1).tolist(), u.amax(1).tolist()
+    xmin, xmax = x.amin(1).tolist(), x.amax(1).tolist()
+    out = []
+    for j in range(x.shape[0]):
+        corners = [a * b for a in (umin[j], umax[j]) for b in (xmin[j], xmax[j])]
+        m = from_power_sums(count, su[j][0] * sx[j][0], su[j][1] * sx[j][1], su[j][2] * sx[j][2],
+                            su[j][3] * sx[j][3], min(corners), max(corners), su[j][4] * sx[j][4], 0)
+        out.append({"mean": m.mean, "std": m.std, "norm": m.l2, "skewness": m.skewness, "kurtosis": m.kurtosis})
+    return out, int((~n_rows).sum())
 
 
 def tensorguard_features(source: WeightSource, seed: int = 0, device=torch.device("cpu")):
@@ -180,14 +200,13 @@ def tensorguard_features(source: WeightSource, seed: int = 0, device=torch.devic
         kinds = [str(rs.choice(NOISE_TYPES)) for _ in range(NUM_SAMPLES)]
         w = source.get(key).to(device, torch.float32)
         d_in = w.shape[1]
+        distinct = list(dict.fromkeys(kinds))
+        stats, bad = gradient_stats(w, torch.stack([probes.probe(d_in, k) for k in distinct]))
+        nonfinite_rows += bad
         sums = {s: 0.0 for s in ("mean", "std", "norm", "skewness", "kurtosis")}
-        for i, kind in enumerate(dict.fromkeys(kinds)):
-            stats, bad = gradient_stats(w, probes.probe(d_in, kind))
-            if i == 0:
-                nonfinite_rows += bad
-            times = kinds.count(kind)
+        for kind, st in zip(distinct, stats):
             for s in sums:
-                sums[s] += times * stats[s]
+                sums[s] += kinds.count(kind) * st[s]
         per_layer[key] = {s: v / NUM_SAMPLES for s, v in sums.items()}
         del w
     values: Dict[str, float] = {}

@@ -122,3 +122,29 @@ def test_smollm2_tensorguard_profile_sane(smollm2_dir):
     assert 20 < fp["embedding_norm"] < 30 and fp["num_layers"] == 10
     full = fast_fingerprint(smollm2_dir)
     assert full.metadata["roles_missing"] == [] and full.metadata["num_layers"] == 30
+
+
+def test_batched_gradient_stats_equal_outer_moments_and_materialised_gradient():
+    from tensorguard_fast import reference
+    from tensorguard_fast.fingerprint_tensorguard import gradient_stats
+    from tensorguard_fast.ops.moments import outer_moments
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(97, 127, generator=gen)
+    probes = torch.randn(3, 127, generator=gen)
+    stats, bad = gradient_stats(w, probes)
+    assert bad == 0
+    for j in range(3):
+        x = probes[j].double()
+        v = (w @ probes[j]).double()  # the mat-vec is float32 in both; the rest is checked in float64
+        u = v / v.norm()
+        for m in (outer_moments(u, x), reference.moments(torch.outer(u, x))):
+            got = stats[j]
+            assert got["mean"] == pytest.approx(m.mean, abs=1e-5 * m.std)  # sum u cancels: judge against the spread
+            assert got["std"] == pytest.approx(m.std, rel=1e-5)
+            assert got["norm"] == pytest.approx(m.l2, rel=1e-5)
+            assert got["skewness"] == pytest.approx(m.skewness, rel=1e-4, abs=1e-9)
+            assert got["kurtosis"] == pytest.approx(m.kurtosis, rel=1e-4)
+    w[5, 7] = float("nan")
+    stats, bad = gradient_stats(w, probes)
+    assert bad == 1 and all(np.isfinite(list(s.values())).all() for s in stats)

@@ -1,0 +1,242 @@
+"""Lineage evaluation on a model zoo: does each fingerprint profile keep derivatives with their family?
+
+Families (identical shapes within a config): SmolLM2-135M-Instruct, two random inits of its config, Gemma-3-270M,
+one random init of its config. Derivatives of each base: full fine-tune and LoRA fine-tune on fanoutqa text (the
+LoRA one read back from its PEFT adapter directory, merged on load), int8 and 4-bit round trips, 20%/50% magnitude
+pruning, 1e-3 relative noise, extended vocabulary (+1000 rows), and a 50/50 merge of the two fine-tuned siblings.
+
+Fine-tuning budget on a shared 2-core CPU (one training step of SmolLM2 took ~30 s of wall time there): --ft-steps
+(default 8; Gemma families --gemma-steps, default 4) steps of batch 2 x 48 tokens, AdamW lr 2e-4 (full, every
+parameter) and 3e-3 (LoRA r=8 on q/k/v/o). Adam moves each weight by about lr per step, so 8 steps at 2e-4 move
+weights about as far as 30 steps at 5e-5; still far fewer steps than the few hundred a GPU run would take. The mean
+relative weight change is logged and reported so the size of the perturbation is visible.
+
+Zoo and fingerprints are cached under ~/.cache/tensorguard-fast/zoo (delete it to rebuild).
+Run: python bench/lineage_eval.py [--ft-steps 30] [--families smollm2,smollm2-rand1,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tensorguard_fast import zoo  # noqa: E402
+from tensorguard_fast.family import FamilyClassifier, distance, similarity  # noqa: E402
+from tensorguard_fast.fingerprint import Fingerprint, fast_fingerprint  # noqa: E402
+from tensorguard_fast.io.bundled import bundled_model_dir, cache_dir  # noqa: E402
+
+FAMILIES = {"smollm2": ("smollm2", None), "smollm2-rand1": ("smollm2", 1), "smollm2-rand2": ("smollm2", 2),
+            "gemma3": ("gemma3-270m", None), "gemma3-rand1": ("gemma3-270m", 1)}
+CHEAP = ("int8", "int4", "prune20", "prune50", "noise1e-3", "extvocab")
+PROFILES = ("tensorguard", "full")
+
+
+def zoo_dir() -> Path:
+    d = cache_dir() / "zoo"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def base_state(family: str):
+    bundled, seed = FAMILIES[family]
+    cfg = bundled_model_dir(bundled)
+    if seed is None:
+        from safetensors.torch import load_file
+
+        return load_file(str(cfg / "model.safetensors")), cfg
+    return zoo.random_init(cfg, seed), cfg
+
+
+def cheap_variant(state, name: str):
+    if name == "int8":
+        return zoo.quantize_roundtrip(state, 8)
+    if name == "int4":
+        return zoo.quantize_roundtrip(state, 4)
+    if name.startswith("prune"):
+        return zoo.magnitude_prune(state, int(name[5:]) / 100)
+    if name == "noise1e-3":
+        return zoo.add_noise(state, 1e-3, seed=7)
+    if name == "extvocab":
+        return zoo.extend_vocab(state, 1000)
+    raise ValueError(name)
+
+
+def trained_variants(family: str, state, cfg: Path, steps: int, log):
+    batch, seq = 2, 48
+    """Full fine-tune and LoRA adapter directories, cached."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = zoo_dir() / family
+    ft_dir, lora_dir = out / f"ft{steps}", out / f"lora{steps}"
+    if (ft_dir / "model.safetensors").exists() and (lora_dir / "adapter_model.safetensors").exists():
+        return ft_dir, lora_dir
+    base_dir = out / "base"
+    if not (base_dir / "model.safetensors").exists():
+        zoo.save(state, cfg, base_dir)  # the LoRA adapter's base must be a path
+    tok = AutoTokenizer.from_pretrained(cfg)
+    texts = zoo.fanoutqa_texts()
+    config = AutoConfig.from_pretrained(cfg)
+
+    def fresh():
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(state, strict=False)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        return model
+
+    t0 = time.time()
+    model = zoo.finetune(fresh(), tok, texts, steps, lr=2e-4, batch=batch, seq=seq)
+    ft = zoo.state_of(model)
+    change = np.mean([float((ft[k] - state[k]).norm() / state[k].norm().clamp_min(1e-12))
+                      for k in state if state[k].dim() == 2])
+    zoo.save(ft, cfg, ft_dir)
+    log(f"  {family}: full fine-tune {steps} steps in {time.time() - t0:.0f}s, mean relative change {change:.2e}")
+    (out / f"ft{steps}.change.json").write_text(json.dumps({"mean_relative_change": change}))
+    t0 = time.time()
+    model = zoo.finetune(fresh(), tok, texts, steps, lr=3e-3, lora_rank=8, seed=1, batch=batch, seq=seq)
+    model.save_pretrained(str(lora_dir))
+    cfg_path = lora_dir / "adapter_config.json"
+    adapter_cfg = json.loads(cfg_path.read_text())
+    adapter_cfg["base_model_name_or_path"] = str(base_dir)
+    cfg_path.write_text(json.dumps(adapter_cfg, indent=1))
+    log(f"  {family}: LoRA fine-tune {steps} steps in {time.time() - t0:.0f}s")
+    return ft_dir, lora_dir
+
+
+def fingerprint_cached(key: str, make, profile: str) -> Fingerprint:
+    path = zoo_dir() / "fingerprints" / f"{key}.{profile}.json"
+    if path.exists():
+        return Fingerprint.from_json(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fp = fast_fingerprint(make(), profile=profile, name=key)
+    fp.to_json(path)
+    return fp
+
+
+def build(families, steps: int, log=print, trained: bool = True, gemma_steps: int = 4):
+    """{profile: {(family, variant): Fingerprint}}."""
+    fps = {p: {} for p in PROFILES}
+    for family in families:
+        log(f"family {family}")
+        state, cfg = base_state(family)
+        items = [("base", lambda s=state: s)]
+        items += [(v, lambda v=v, s=state: cheap_variant(s, v)) for v in CHEAP]
+        if trained:
+            ft_dir, lora_dir = trained_variants(family, state, cfg, gemma_steps if family.startswith("gemma") else steps,
+                                                log)
+            items += [("finetune", lambda d=ft_dir: d), ("lora", lambda d=lora_dir: d)]
+
+            def merged(ft_dir=ft_dir, lora_dir=lora_dir):
+                from tensorguard_fast.io.loading import open_model
+
+                a = open_model(ft_dir)
+                b = open_model(lora_dir)
+                return zoo.merge({k: a.get(k).float() for k in a.keys()}, {k: b.get(k).float() for k in b.keys()})
+            items.append(("merge-ft+lora", merged))
+        for variant, make in items:
+            memo = {}
+
+            def once(make=make, memo=memo):
+                if "x" not in memo:
+                    memo["x"] = make()
+                return memo["x"]
+            for profile in PROFILES:
+                fps[profile][(family, variant)] = fingerprint_cached(f"{family}.{variant}", once, profile)
+        del state
+    return fps
+
+
+def evaluate(fps_by_key, families):
+    """Accuracy (closed and open set) of kmeans and nearest; leave-one-family-out unknown detection."""
+    bases = {f: fps_by_key[(f, "base")] for f in families}
+    derived = [(k, fp) for k, fp in fps_by_key.items() if k[1] != "base"]
+    truth = [k[0] for k, _ in derived]
+    rows = {}
+    for method in ("kmeans", "nearest"):
+        clf = FamilyClassifier(bases, method=method, open_set=True)
+        preds = clf.fit_predict([fp for _, fp in derived])
+        closed = np.mean([p.nearest == t for p, t in zip(preds, truth)])
+        opened = np.mean([p.family == t for p, t in zip(preds, truth)])
+        # leave one family out: its derivatives should be called unknown
+        unknown_hits, total = 0, 0
+        for held in families:
+            sub = {f: b for f, b in bases.items() if f != held}
+            if not sub:
+                continue
+            held_fps = [fp for (f, _), fp in derived if f == held] + [bases[held]]
+            others = [fp for (f, _), fp in derived if f != held]
+            p2 = FamilyClassifier(sub, method=method, open_set=True).fit_predict(others + held_fps)
+            unknown_hits += sum(not p.known for p in p2[len(others):])
+            total += len(held_fps)
+        rows[method] = {"closed_set_accuracy": float(closed), "open_set_accuracy": float(opened),
+                        "threshold": clf.threshold_used, "unknown_detection": unknown_hits / max(total, 1),
+                        "errors": [f"{k[0]}/{k[1]} -> {p.family} (nearest {p.nearest}, d={p.distance:.3g})"
+                                   for (k, _), p in zip(derived, preds) if p.family != k[0]]}
+    return rows
+
+
+def distance_table(fps_by_key, families):
+    rows = []
+    for (family, variant), fp in fps_by_key.items():
+        own = distance(fp, fps_by_key[(family, "base")])
+        other = min((distance(fp, fps_by_key[(f, "base")]), f) for f in families if f != family) \
+            if len(families) > 1 else (float("nan"), "")
+        row = {"family": family, "variant": variant, "d_own_base": own, "d_nearest_other": other[0],
+               "nearest_other": other[1], "sim_own_base": similarity(fp, fps_by_key[(family, "base")])}
+        if variant == "merge-ft+lora":
+            row["d_parent_finetune"] = distance(fp, fps_by_key[(family, "finetune")])
+            row["d_parent_lora"] = distance(fp, fps_by_key[(family, "lora")])
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--ft-steps", type=int, default=8)
+    ap.add_argument("--gemma-steps", type=int, default=4)
+    ap.add_argument("--no-train", action="store_true", help="skip the fine-tuned variants")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lineage_eval.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    families = args.families.split(",")
+    fps = build(families, args.ft_steps, trained=not args.no_train, gemma_steps=args.gemma_steps)
+    report = {"families": families, "ft_steps": args.ft_steps, "gemma_steps": args.gemma_steps, "profiles": {}}
+    for profile in PROFILES:
+        report["profiles"][profile] = {"classification": evaluate(fps[profile], families),
+                                       "distances": distance_table(fps[profile], families),
+                                       "seconds_per_model": float(np.median([fp.metadata.get("seconds", 0)
+                                                                             for fp in fps[profile].values()]))}
+    from _common import machine_info  # bench/_common.py
+
+    report["machine"] = machine_info()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print("\n| profile | method | closed-set acc | open-set acc | unknown detection (held-out family) |")
+    print("|---|---|---|---|---|")
+    for profile in PROFILES:
+        for method, r in report["profiles"][profile]["classification"].items():
+            print(f"| {profile} | {method} | {r['closed_set_accuracy']:.3f} | {r['open_set_accuracy']:.3f} | "
+                  f"{r['unknown_detection']:.3f} |")
+    for profile in PROFILES:
+        print(f"\n{profile}: distance to own base vs nearest other base")
+        for r in report["profiles"][profile]["distances"]:
+            extra = (f"  parents: ft {r['d_parent_finetune']:.3g}, lora {r['d_parent_lora']:.3g}"
+                     if "d_parent_lora" in r else "")
+            print(f"  {r['family']:>14} {r['variant']:<14} own {r['d_own_base']:.3g}  other {r['d_nearest_other']:.3g}"
+                  f" ({r['nearest_other']}){extra}")
+        for method, r in report["profiles"][profile]["classification"].items():
+            for e in r["errors"]:
+                print(f"  [{method}] {e}")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
