@@ -33,7 +33,8 @@ import torch
 from .. import _backend, reference
 from .gram_entropy import answer_error_blocks, check_blocks, raise_if_nonfinite
 
-_TILE_ELEMENTS = 1 << 20  # complex values per tile across the batch (~8 MiB in complex64)
+_TILE_ELEMENTS = 1 << 20  # complex values per tile across the batch on CUDA (~8 MiB in complex64)
+_TILE_ELEMENTS_CPU = 1 << 17  # per sample on CPU (1 MiB): a tile stays in L2/L3 between GEMM, FFT and reduction
 
 
 class SpectrumSums(NamedTuple):
@@ -170,7 +171,8 @@ def _twiddled_tile(zri: torch.Tensor, a: int, n: int, ctype, base: Optional[torc
 def fft_power_sums(E: torch.Tensor, H: torch.Tensor, onesided: bool = True, remove_mean: bool = False,
                    tile_rows: Optional[int] = None, backend: Optional[str] = None) -> SpectrumSums:
     """(S (B,), sum P ln P (B,), bins) of the spectrum of the row-major flattening of each G_b = E_b^T H_b, by the
-    four-step decomposition, `tile_rows` spectrum rows k1 at a time (default: ~2^20 complex values per tile).
+    four-step decomposition, `tile_rows` spectrum rows k1 at a time (default: ~2^17 complex values per tile and
+    sample on CPU, 2^20 per tile of the whole batch on CUDA).
     E (B, T, N1), H (B, T, N2); 2-D = one sample. Parseval: full spectrum S = N1 N2 ||G_b||_F^2."""
     e, h, _ = check_blocks(E, H, "fft_entropy")
     chosen = _backend.choose("fft_entropy", e.device, backend)
@@ -187,11 +189,33 @@ def fft_power_sums(E: torch.Tensor, H: torch.Tensor, onesided: bool = True, remo
     plogp = torch.zeros_like(total)
     if bsz == 0 or n == 0 or e.shape[1] == 0:  # no sample, an empty G, or T = 0 (G = 0: S = 0, entropy NaN)
         return SpectrumSums(total.cpu(), plogp.cpu(), bins)
+    # CPU: one sample at a time, so the extra memory is one Ehat (T x N1 complex) plus one tile, whatever B is.
+    # CUDA: the whole batch per launch (memory is plentiful there; launches are not free).
+    group = bsz if e.device.type == "cuda" else 1
+    tile = _TILE_ELEMENTS if e.device.type == "cuda" else _TILE_ELEMENTS_CPU
+    bad = torch.zeros_like(total)
+    for b0 in range(0, bsz, group):
+        sl = slice(b0, b0 + group)
+        s, p, nb = _four_step_sums(e[sl], h[sl], onesided, remove_mean, tile_rows, tile, chosen)
+        total[sl] += s.to(total.device)
+        plogp[sl] += p.to(total.device)
+        bad[sl] += nb.to(total.device)
+    _raise_overflow(bad, "fft_entropy")
+    return SpectrumSums(total.cpu(), plogp.cpu(), bins)
+
+
+def _four_step_sums(e, h, onesided, remove_mean, tile_rows, tile_elements, chosen):
+    """Running sums over the spectrum of each G_b of a group of samples, one tile of k1 rows at a time."""
+    bsz, _, n1 = e.shape
+    n2 = h.shape[-1]
+    n = n1 * n2
     cdt = _compute_dtype(e, h)
     ctype = torch.complex128 if cdt == torch.float64 else torch.complex64
     ehat = torch.fft.fft(e.to(cdt), dim=-1)  # (B, T, N1): T FFTs of length N1
     hh = h.to(cdt)
-    rows = tile_rows or max(1, min(n1, _TILE_ELEMENTS // max(1, bsz * n2)))
+    rows = tile_rows or max(1, min(n1, tile_elements // max(1, bsz * n2)))
+    total = torch.zeros(bsz, dtype=torch.float64, device=e.device)
+    plogp = torch.zeros_like(total)
     bad = torch.zeros_like(total)
     base = None if chosen == "cpp" else _twiddle(torch.arange(min(rows, n1)), n2, n, ctype, e.device)
     for a in range(0, n1, rows):
@@ -203,14 +227,15 @@ def fft_power_sums(E: torch.Tensor, H: torch.Tensor, onesided: bool = True, remo
         ri = torch.view_as_real(ehat[:, :, a:a + r]).reshape(bsz, -1, 2 * r)
         zri = (ri.mT @ hh).contiguous().view(bsz, r, 2, n2)
         z = _twiddled_tile(zri, a, n, ctype, base, chosen)
+        del zri
         spec = torch.fft.fft(z, dim=-1)  # (B, R, N2): bins k1 + N1 k2
+        del z
         limit = ((n // 2 - k1) // n1).clamp(max=n2 - 1) if onesided else None
         s, p, nb = _accumulate(spec, limit, remove_mean and a == 0, chosen)
         total += s.to(total.device)
         plogp += p.to(total.device)
         bad += nb.to(total.device)
-    _raise_overflow(bad, "fft_entropy")
-    return SpectrumSums(total.cpu(), plogp.cpu(), bins)
+    return total, plogp, bad
 
 
 def fft_entropy(E: torch.Tensor, H: torch.Tensor, onesided: bool = True, remove_mean: bool = False,

@@ -2,15 +2,19 @@
 
 For sample b with scored positions t (DESIGN 3.1):  G_b = (1/n_b) sum_t e_t h_t^T = E_b^T H_b / n_b, where
 e_t = softmax(z_t) - onehot(y_t) and h_t is the input of lm_head; GradSentry crops G to [:V//8, :d//8], which is a
-column slice of E and of H. The non-zero singular values of E^T H are those of K^(1/2) M^(1/2) with the T x T Grams
-K = E E^T and M = H H^T, so the spectrum costs O(T^2 (V' + d')) work and O(T^2) memory instead of O(V' d').
+column slice of E and of H. With the T x T Grams K = E E^T = Lk Lk^T and M = H H^T = Lm Lm^T, the non-zero
+singular values of E^T H are those of the T x T matrix Lk^T Lm, so the spectrum costs O(T^2 (V' + d')) work and
+O(T^2) memory instead of O(V' d'). Singular Grams (T > rank, zero or repeated rows) are handled by rank-revealing
+factors, not by a Cholesky that would fail or by jitter.
 
-Where the work happens:
-- GEMMs, eigh and the T x T svdvals always run in torch (float64 for the Gram route: exact to ~1e-13 relative of the
-  largest singular value, deterministic), on the tensors' device.
-- The elementwise parts around them are fused: C++ (`_C.logsumexp_update`, `_C.crop_error_rows`,
-  `_C.spectrum_entropy`) on CPU tensors, Triton (`gram_entropy_triton`) on CUDA tensors, plain torch for the
-  reference backend (which materialises G: `reference.gram_spectrum`).
+Where the work happens (all in float64 from the Grams on: exact to ~1e-13 relative of the largest singular value,
+deterministic):
+- CPU tensors ('cpp'): Gram GEMMs and the final eigvalsh in torch; the rank-revealing (pivoted) Cholesky of each
+  Gram in C++ (`_C.pivoted_cholesky`); the elementwise work fused in C++ (`_C.logsumexp_update`,
+  `_C.crop_error_rows`, `_C.spectrum_entropy`).
+- CUDA tensors ('triton'): Gram GEMMs, eigh-based factors and a T x T svdvals in torch (cuBLAS/cuSOLVER); the logits
+  chunk work in Triton (`gram_entropy_triton`).
+- 'reference': materialises G and calls torch.linalg.svdvals (`reference.gram_spectrum`).
 Dispatch follows `_backend.choose` (explicit backend that cannot run -> BackendUnavailable; auto -> falls back).
 """
 from __future__ import annotations
@@ -82,11 +86,24 @@ def _psd_factor(gram: torch.Tensor, cols: int) -> torch.Tensor:
     return q * w.sqrt().unsqueeze(-2)
 
 
+_GRAM_COLS = 256  # columns upcast to float64 at a time: extra memory B x T x 256 doubles, not a copy of E
+
+
+def _gram64(x: torch.Tensor) -> torch.Tensor:
+    """x x^T per sample in float64 from the exactly upcast values, a column block at a time."""
+    if x.dtype == torch.float64:
+        return x @ x.mT
+    out = torch.zeros(x.shape[0], x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for c0 in range(0, x.shape[-1], _GRAM_COLS):
+        block = x[..., c0:c0 + _GRAM_COLS].to(torch.float64)
+        out.baddbmm_(block, block.mT)
+    return out
+
+
 def _grams(e: torch.Tensor, h: torch.Tensor, op: str):
     """K = E E^T and M = H H^T in float64. A NaN/Inf anywhere in row t of E makes K_tt non-finite, so the diagonals
     are the finiteness check, for free (no separate pass over E and H)."""
-    e64, h64 = e.to(torch.float64), h.to(torch.float64)
-    k, m = e64 @ e64.mT, h64 @ h64.mT
+    k, m = _gram64(e), _gram64(h)
     for name, g in (("E", k), ("H", m)):
         _raise_samples(~torch.isfinite(g.diagonal(dim1=-2, dim2=-1)).all(-1), f"{name} holds NaN or Inf", op)
     return k, m
@@ -135,8 +152,7 @@ def gram_spectrum(E: torch.Tensor, H: torch.Tensor, backend: Optional[str] = Non
 
     E (B, T, V'), H (B, T, d'); rows to ignore are all-zero (they add nothing to either Gram). 2-D inputs are one
     sample and give a (T,) result. Gram route (module docstring): exact, deterministic, robust to rank-deficient E or H
-    and to T > rank. Non-finite inputs raise ValueError naming the sample. Backends 'cpp' and 'triton' both run the
-    route in torch (no elementwise work to fuse here); 'reference' materialises G and calls torch.linalg.svdvals.
+    and to T > rank. Non-finite inputs raise ValueError naming the sample. Backends: see the module docstring.
     """
     e, h, single = check_blocks(E, H, "gram_spectrum", check_finite=False)
     chosen = _backend.choose("gram_spectrum", e.device, backend)
