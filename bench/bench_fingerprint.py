@@ -11,7 +11,8 @@ Rows (each in a fresh subprocess, so peak RSS is that job's own; page cache warm
 Also: relative difference of each tensorguard feature, ours vs TensorGuard's way (the effect of exact moments and
 float64 accumulation instead of a float32 gradient and a 500k subsample).
 
-Run: python bench/bench_fingerprint.py [--model DIR] [--repeats 3]
+Run: python bench/bench_fingerprint.py [--model DIR] [--repeats 3] [--device cuda]
+Peak RSS is host memory; on CUDA the weights still pass through host memory (memory-mapped file -> device).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def _job(name: str, model: str) -> dict:
+def _job(name: str, model: str, device: str = "cpu") -> dict:
     """Runs in the child: one measurement."""
     import torch
 
@@ -47,23 +48,24 @@ def _job(name: str, model: str) -> dict:
             # CPU wheel), so it is the floor: the fingerprints cannot read faster than it.
             w = src.get(k)
             if w.dim() == 2:
-                total += float((w.float() @ torch.ones(w.shape[1])).sum())
+                w = w.to(device, torch.float32)
+                total += float((w @ torch.ones(w.shape[1], device=device)).sum())
             else:
                 total += float(w.float().clone().view(-1)[:1].sum()) if w.numel() else 0.0
         result["checksum"] = total
     elif name in ("tensorguard", "full"):
-        fp = fast_fingerprint(model, profile=name, device="cpu")
+        fp = fast_fingerprint(model, profile=name, device=device)
         result["features"] = fp.as_dict() if name == "tensorguard" else None
     elif name == "tensorguard_way":
         from tensorguard_fast.reference_tensorguard import tensorguard_reference
 
-        result["features"] = tensorguard_reference(open_model(model), subsample=True)
+        result["features"] = tensorguard_reference(open_model(model), subsample=True, device=device)
     elif name == "fwd_bwd_hooks":
         from transformers import AutoModelForCausalLM
 
         from tensorguard_fast.ops.moments import moments
 
-        net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device)
         stats = {}
 
         def hook(p, name_):
@@ -73,17 +75,20 @@ def _job(name: str, model: str) -> dict:
         for n, p in net.named_parameters():
             p.register_post_accumulate_grad_hook(lambda p, n=n: hook(p, n))
         tokens = torch.randint(0, net.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+        tokens = tokens.to(device)
         net(tokens, labels=tokens).loss.backward()
         result["tensors"] = len(stats)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     result["seconds"] = time.perf_counter() - t0
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["rss_after_import_mb"] = rss0 / 1024
     return result
 
 
-def run_child(name: str, model: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", name, "--model", model], capture_output=True,
-                         text=True, cwd=ROOT)
+def run_child(name: str, model: str, device: str = "cpu") -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--model", model, "--device", device],
+                         capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -93,21 +98,23 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model directory (default: bundled SmolLM2)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the TensorGuard way runs there too)")
+    ap.add_argument("--out", default=None, help="results file (default bench/results/bench_fingerprint_<device>.json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(_job(args.child, args.model)))
+        print(json.dumps(_job(args.child, args.model, args.device)))
         return
     from _common import RESULTS, machine_info
 
     from tensorguard_fast.io.bundled import bundled_model_dir
 
     model = args.model or str(bundled_model_dir("smollm2"))
-    run_child("read_all", model)  # warm the page cache
+    run_child("read_all", model, args.device)  # warm the page cache
     rows = {}
     for name, repeats in (("read_all", args.repeats), ("tensorguard", args.repeats), ("full", args.repeats),
                           ("fwd_bwd_hooks", 1), ("tensorguard_way", 1)):
-        runs = [run_child(name, model) for _ in range(repeats)]
+        runs = [run_child(name, model, args.device) for _ in range(repeats)]
         times = sorted(r["seconds"] for r in runs)
         rows[name] = {"seconds_p50": times[len(times) // 2], "seconds_all": times,
                       "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
@@ -125,9 +132,9 @@ def main(argv=None):
     }
     for r in rows.values():
         r.pop("features", None)
-    report = {"model": model, "machine": machine_info(), "rows": rows, "summary": summary}
+    report = {"model": model, "device": args.device, "machine": machine_info(), "rows": rows, "summary": summary}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "bench_fingerprint.json"
+    path = Path(args.out) if args.out else RESULTS / f"bench_fingerprint_{args.device.split(':')[0]}.json"
     path.write_text(json.dumps(report, indent=1))
     print("\n| job | seconds (p50) | x read_all | peak RSS MB |")
     print("|---|---|---|---|")

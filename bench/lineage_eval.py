@@ -69,8 +69,8 @@ def cheap_variant(state, name: str):
 
 
 def trained_variants(family: str, state, cfg: Path, steps: int, log):
+    """Full fine-tune and LoRA adapter directories, cached (each one separately)."""
     batch, seq = 2, 48
-    """Full fine-tune and LoRA adapter directories, cached."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = zoo_dir() / family
@@ -91,14 +91,10 @@ def trained_variants(family: str, state, cfg: Path, steps: int, log):
             model.tie_weights()
         return model
 
-    t0 = time.time()
-    model = zoo.finetune(fresh(), tok, texts, steps, lr=2e-4, batch=batch, seq=seq)
-    ft = zoo.state_of(model)
-    change = np.mean([float((ft[k] - state[k]).norm() / state[k].norm().clamp_min(1e-12))
-                      for k in state if state[k].dim() == 2])
-    zoo.save(ft, cfg, ft_dir)
-    log(f"  {family}: full fine-tune {steps} steps in {time.time() - t0:.0f}s, mean relative change {change:.2e}")
-    (out / f"ft{steps}.change.json").write_text(json.dumps({"mean_relative_change": change}))
+    if not (ft_dir / "model.safetensors").exists():
+        _full_finetune(fresh, tok, texts, steps, batch, seq, state, cfg, ft_dir, out, family, log)
+    if (lora_dir / "adapter_model.safetensors").exists():
+        return ft_dir, lora_dir
     t0 = time.time()
     model = zoo.finetune(fresh(), tok, texts, steps, lr=3e-3, lora_rank=8, seed=1, batch=batch, seq=seq)
     model.save_pretrained(str(lora_dir))
@@ -108,6 +104,17 @@ def trained_variants(family: str, state, cfg: Path, steps: int, log):
     cfg_path.write_text(json.dumps(adapter_cfg, indent=1))
     log(f"  {family}: LoRA fine-tune {steps} steps in {time.time() - t0:.0f}s")
     return ft_dir, lora_dir
+
+
+def _full_finetune(fresh, tok, texts, steps, batch, seq, state, cfg, ft_dir, out, family, log):
+    t0 = time.time()
+    model = zoo.finetune(fresh(), tok, texts, steps, lr=2e-4, batch=batch, seq=seq)
+    ft = zoo.state_of(model)
+    change = np.mean([float((ft[k] - state[k]).norm() / state[k].norm().clamp_min(1e-12))
+                      for k in state if state[k].dim() == 2])
+    zoo.save(ft, cfg, ft_dir)
+    log(f"  {family}: full fine-tune {steps} steps in {time.time() - t0:.0f}s, mean relative change {change:.2e}")
+    (out / f"ft{steps}.change.json").write_text(json.dumps({"mean_relative_change": change}))
 
 
 def fingerprint_cached(key: str, make, profile: str) -> Fingerprint:
@@ -120,7 +127,8 @@ def fingerprint_cached(key: str, make, profile: str) -> Fingerprint:
     return fp
 
 
-def build(families, steps: int, log=print, trained: bool = True, gemma_steps: int = 4):
+def build(families, steps: int, log=print, trained=True, gemma_steps: int = 4):
+    """trained: True (every family), False, or the set of families that get fine-tuned variants."""
     """{profile: {(family, variant): Fingerprint}}."""
     fps = {p: {} for p in PROFILES}
     for family in families:
@@ -128,7 +136,7 @@ def build(families, steps: int, log=print, trained: bool = True, gemma_steps: in
         state, cfg = base_state(family)
         items = [("base", lambda s=state: s)]
         items += [(v, lambda v=v, s=state: cheap_variant(s, v)) for v in CHEAP]
-        if trained:
+        if trained is True or (trained and family in trained):
             ft_dir, lora_dir = trained_variants(family, state, cfg, gemma_steps if family.startswith("gemma") else steps,
                                                 log)
             items += [("finetune", lambda d=ft_dir: d), ("lora", lambda d=lora_dir: d)]
@@ -203,12 +211,16 @@ def main(argv=None):
     ap.add_argument("--ft-steps", type=int, default=8)
     ap.add_argument("--gemma-steps", type=int, default=4)
     ap.add_argument("--no-train", action="store_true", help="skip the fine-tuned variants")
+    ap.add_argument("--train-families", default=None,
+                    help="comma list: only these families get fine-tuned variants (default: all)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lineage_eval.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     families = args.families.split(",")
-    fps = build(families, args.ft_steps, trained=not args.no_train, gemma_steps=args.gemma_steps)
-    report = {"families": families, "ft_steps": args.ft_steps, "gemma_steps": args.gemma_steps, "profiles": {}}
+    trained = set(args.train_families.split(",")) if args.train_families else True
+    fps = build(families, args.ft_steps, trained=False if args.no_train else trained, gemma_steps=args.gemma_steps)
+    report = {"families": families, "ft_steps": args.ft_steps, "gemma_steps": args.gemma_steps,
+              "trained_families": sorted(trained) if trained is not True else families, "profiles": {}}
     for profile in PROFILES:
         report["profiles"][profile] = {"classification": evaluate(fps[profile], families),
                                        "distances": distance_table(fps[profile], families),

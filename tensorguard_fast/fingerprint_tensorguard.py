@@ -127,7 +127,7 @@ class ProbeFactory:
             if kind == "adversarial":
                 w = self.fgsm_weight(d_in)
                 xd = x.to(self.device)
-                logits = xd @ w.T
+                logits = (w @ xd[0]).unsqueeze(0)
                 target = torch.randint(0, logits.shape[1], (1,), generator=gen).to(self.device)
                 # d CE / d x = (softmax(logits) - onehot(target)) W; only its sign is used.
                 g = torch.softmax(logits, dim=-1)
@@ -158,7 +158,9 @@ def gradient_stats(w: torch.Tensor, probes: torch.Tensor) -> Tuple[List[Dict[str
     are walked once, not once per probe), finished by the same `from_power_sums` as `outer_moments`.
     Statistics are over the finite gradient entries; the count of non-finite rows of V is returned.
     """
-    v = (probes.to(w.device) @ w.T).to(torch.float64).cpu()          # k x d_out: rows contiguous for reductions
+    # W X^T, not X W^T: BLAS streams W row-major once (the transposed product was 2-3x slower here); then k x d_out
+    # so the reductions below run along contiguous rows.
+    v = (w @ probes.to(w.device).T).T.to(torch.float64).cpu()
     finite = torch.isfinite(v)
     v = torch.where(finite, v, torch.zeros_like(v))
     u = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)

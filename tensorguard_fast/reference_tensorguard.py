@@ -25,7 +25,7 @@ def _perturb(x: torch.Tensor, kind: str, gen: torch.Generator, params: Dict[str,
         w = next(p for p in params.values() if p.dim() == 2 and p.shape[1] == x.shape[-1])
         leaf = x.clone().requires_grad_(True)
         logits = leaf @ w.T
-        target = torch.randint(0, logits.shape[1], (1,), generator=gen)
+        target = torch.randint(0, logits.shape[1], (1,), generator=gen).to(x.device)
         torch.nn.functional.cross_entropy(logits, target).backward()
         return (leaf + FGSM_EPS * leaf.grad.sign()).detach()
     if kind == "structured":
@@ -34,7 +34,7 @@ def _perturb(x: torch.Tensor, kind: str, gen: torch.Generator, params: Dict[str,
         return x + 0.1 * _band(x, 0, n // 8)
     if kind == "high_frequency":
         return x + 0.1 * _band(x, n // 2, n)
-    return x + torch.randn(x.shape, generator=gen) * 0.1
+    return x + torch.randn(x.shape, generator=gen).to(x.device) * 0.1
 
 
 def _grad_stats(g: np.ndarray, subsample: bool) -> Dict[str, float]:
@@ -49,10 +49,11 @@ def _grad_stats(g: np.ndarray, subsample: bool) -> Dict[str, float]:
 
 
 def tensorguard_reference(source: WeightSource, seed: int = 0, subsample: bool = True,
-                          float64_stats: bool = False) -> Dict[str, float]:
+                          float64_stats: bool = False, device="cpu") -> Dict[str, float]:
     """TensorGuard's feature dict (minus model_name). float64_stats: reduce the gradient in float64 (to isolate
-    the effect of numpy's float32 reductions)."""
-    params = {k: source.get(k).to(torch.float32) for k in source.keys() if loaded_by_tensorguard(k)}
+    the effect of numpy's float32 reductions). device: where the tensors and autograd live (TensorGuard: CUDA);
+    probes are drawn on the CPU generator either way."""
+    params = {k: source.get(k).to(device, torch.float32) for k in source.keys() if loaded_by_tensorguard(k)}
     total_params = sum(p.numel() for p in params.values())
     rs = np.random.RandomState(seed)
     selected = select_tensors([k for k, p in params.items() if p.dim() == 2], rs)
@@ -64,9 +65,9 @@ def tensorguard_reference(source: WeightSource, seed: int = 0, subsample: bool =
             kind = str(rs.choice(NOISE_TYPES))
             gen = torch.Generator().manual_seed(seed)
             x = torch.randn((1, w.shape[1]), generator=gen)
-            x = _perturb(x, kind, gen, params)
+            x = _perturb(x.to(device), kind, gen, params)
             (x @ w.T).norm().backward()
-            g = w.grad.detach().numpy()
+            g = w.grad.detach().cpu().numpy()
             samples.append(_grad_stats(g.astype(np.float64) if float64_stats else g, subsample))
             w.grad = None
         per_layer[key] = {s: float(np.mean([f[s] for f in samples])) for s in samples[0]}
