@@ -74,7 +74,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=None, help="samples per call (default 4 on CPU, 32 on CUDA)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every route (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the C++ kernels follow torch's setting (_backend.num_threads)
     cuda = args.device == "cuda"
     batch = args.batch or (32 if cuda else 4)
     rows = []
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
              f"x = route time / ours)")
     print_table(title, rows, ["config", "batch", "route", "backend", "ms_per_sample", "x_slower_than_ours",
                               "peak_extra_MB", "max_abs_entropy_difference"])
-    write_results(f"bench_fft_entropy_{args.device}", rows,
+    write_results(f"bench_fft_entropy_{args.device}_{torch.get_num_threads()}threads", rows,
                   {"memory_method": "cuda allocator peak" if cuda else "subprocess ru_maxrss - rss before (psutil)"})
     return 0
 

@@ -142,8 +142,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=None, help="samples per call (default 8 blocks / 4 hidden on CPU)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every route (default: torch's)")
     ap.add_argument("--skip-7b-hidden", action="store_true", help="the 7B forward routes take minutes on 2 cores")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the C++ kernels follow torch's setting (_backend.num_threads)
     cuda = args.device == "cuda"
     plan = [("blocks", c, args.batch or (32 if cuda else 8)) for c in CROPS]
     plan += [("hidden", "smollm2", args.batch or (16 if cuda else 4))]
@@ -157,7 +160,8 @@ def main(argv=None) -> int:
             with torch.set_grad_enabled(kind == "hidden"):
                 t = timeit(lambda: fn(*inputs), repeats=args.repeats if route.startswith("ours") else
                            max(3, args.repeats // 2), device=args.device)
-            ours_backend = _backend.last_backend("gram_entropy") if route.startswith("ours") else "torch"
+            op = "gram_spectrum" if kind == "blocks" else "gram_entropy"
+            ours_backend = _backend.last_backend(op) if route.startswith("ours") else "torch"
             base = t if base is None else base
             row = {"inputs": kind, "config": config, "batch": batch, "route": route, "backend": ours_backend,
                    "ms_per_sample": t["p50"] / batch * 1e3, "x_slower_than_ours": t["p50"] / base["p50"],
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
              f"threads; x = route time / ours)")
     print_table(title, rows, ["inputs", "config", "batch", "route", "backend", "ms_per_sample", "x_slower_than_ours",
                               "peak_extra_MB"])
-    write_results(f"bench_gram_entropy_{args.device}", rows,
+    write_results(f"bench_gram_entropy_{args.device}_{torch.get_num_threads()}threads", rows,
                   {"memory_method": "cuda allocator peak" if cuda else "subprocess ru_maxrss - rss before (psutil)"})
     return 0
 

@@ -91,7 +91,7 @@ def test_parseval(n1, n2, dtype, rel):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("shape", [(1,), (2,), (101,), (4096,), (7, 13), (1, 9), (12, 1)])
+@pytest.mark.parametrize("shape", [(1,), (2,), (101,), (4096,), (10007,), (7, 13), (1, 9), (12, 1), (3, 5000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_signal_matches_reference(shape, dtype, variant):
     onesided, remove_mean = variant
@@ -207,3 +207,12 @@ def test_triton_overflow_reported():
     h[1] *= 1e3
     with pytest.raises(ValueError, match="sample 1"):
         fft_entropy(e.to(triton_device()), h.to(triton_device()), backend="triton")
+
+
+@requires_triton
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_long_signal_folded_into_rows(variant):
+    # 10007 values: the spectrum is folded into rows of 4096 bins, the last one zero-padded
+    x = torch.randn(10007, generator=torch.Generator().manual_seed(3)) + 0.2
+    got = fft_entropy_signal(x.to(triton_device()), *variant, backend="triton")
+    assert got == pytest.approx(reference.fft_entropy_signal(x, *variant), abs=1e-5)
