@@ -144,6 +144,24 @@ def time_moments():
                  f" one torch.sum {t_sum * 1e3:.2f} ms; naive torch {t_naive / t_ours:.1f}x slower")
 
 
+def sweep_moments():
+    """Launch settings of the moments kernel: block size x warps, GB/s on 1 GiB of fp32 (the default is marked)."""
+    from tensorguard_fast.ops import moments_triton
+
+    n = (1 << 14) + 3 if DRY else 1 << 28
+    x = torch.randn(n, device=dev())
+    default = (moments_triton._block_size(n), 4)
+    best = None
+    for block in ((1024, 4096) if DRY else (2048, 4096, 8192, 16384, 32768)):
+        for warps in ((4,) if DRY else (4, 8, 16)):
+            t = median_time(lambda: moments_triton.moments(x, block=block, num_warps=warps), repeats=7)
+            gbps = x.numel() * 4 / t / 1e9
+            best = max(best or (0, None), (gbps, (block, warps)))
+            ROWS.append({"section": "sweep", "item": f"block {block} warps {warps}", "value": gbps, "unit": "GB/s",
+                         "ok": None, "note": "default" if (block, warps) == default else ""})
+    row("moments", "sweep: best launch (block, warps)", best[0], "GB/s", note=f"{best[1]}; default {default}")
+
+
 def _answer_batch(vocab: int, batch: int, seq: int, gen):
     input_ids = torch.randint(10, vocab, (batch, seq), generator=gen)
     attention = torch.ones_like(input_ids)
@@ -272,7 +290,8 @@ def main() -> int:
 
     print(tinfo.render(tinfo.collect()), flush=True)
     configs = _configs()
-    sections = [("check moments", check_moments), ("check gram/fft", check_gram_fft), ("time moments", time_moments)]
+    sections = [("check moments", check_moments), ("check gram/fft", check_gram_fft), ("time moments", time_moments),
+                ("sweep moments", sweep_moments)]
     for name, (cfg, b, s) in configs.items():
         sections.append((f"time entropy {name}", lambda cfg=cfg, b=b, s=s, name=name: time_entropy(name, cfg, b, s)))
     sections.append(("time fingerprint", lambda: time_fingerprint(list(configs.values())[-1][0])))

@@ -66,15 +66,17 @@ def merge_partials(p: torch.Tensor) -> torch.Tensor:
                         p[:, 9].sum()])
 
 
-def moments(x: torch.Tensor) -> Moments:
+def moments(x: torch.Tensor, block: int = None, num_warps: int = None) -> Moments:
+    """`block` / `num_warps` override the launch heuristic (bench/gpu_check.py sweeps them)."""
     flat = x.contiguous().reshape(-1)
     n = flat.numel()
     if n == 0:
         return Moments.empty()
-    block = _block_size(n)
+    block = block or _block_size(n)
+    num_warps = num_warps or (4 if block <= 4096 else 8)
     grid = triton.cdiv(n, block)
     parts = torch.empty((grid, 10), dtype=torch.float64, device=flat.device)
-    _moments_block_kernel[(grid,)](flat, n, parts, BLOCK=block)
+    _moments_block_kernel[(grid,)](flat, n, parts, BLOCK=block, num_warps=num_warps)
     s = merge_partials(parts).tolist()
     return Moments.from_state((int(s[0]), s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], int(s[9])))
 
