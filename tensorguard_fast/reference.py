@@ -145,3 +145,57 @@ def outer_moments(u: torch.Tensor, x: torch.Tensor) -> Moments:
     u2 = u.detach().to(torch.float64).reshape(-1, u.shape[-1]) if u.dim() else u.detach().double().reshape(1, 1)
     x2 = x.detach().to(torch.float64).reshape(-1, x.shape[-1]) if x.dim() else x.detach().double().reshape(1, 1)
     return moments(u2.T @ x2)
+
+
+# --- GradSentry per-sample score, the slow way (oracle for tensorguard_fast.entropy) ---------------------------------
+
+def lm_head_gradient_crops(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           crop: int = 8) -> list:
+    """Cropped lm_head gradients G_i[:V//crop, :d//crop] of the mean answer-token cross-entropy, one per sample.
+
+    hidden (B, S, d) = inputs of lm_head, weight (V, d), targets (B, S) aligned with hidden (-100 = not scored).
+    Float64 autograd through logits = h W^T only (the logits path: for tied embeddings this leaves out the gradient
+    that reaches the same matrix through the input embedding). A sample with no scored token gives None.
+    """
+    w64 = weight.detach().to(torch.float64)
+    v, d = w64.shape
+    vc, dc = v // crop, d // crop
+    crops = []
+    for b in range(hidden.shape[0]):
+        keep = targets[b] != -100
+        if not bool(keep.any()):
+            crops.append(None)
+            continue
+        h = hidden[b][keep].detach().to(torch.float64)
+        y = targets[b][keep].to(w64.device)
+        block = w64[:vc, :dc].clone().requires_grad_(True)
+        # The full matrix with the cropped block as the only leaf: the gradient w.r.t. the leaf is the crop exactly.
+        full = torch.cat([torch.cat([block, w64[:vc, dc:]], 1), w64[vc:]], 0)
+        loss = torch.nn.functional.cross_entropy(h @ full.T, y)
+        (grad,) = torch.autograd.grad(loss, [block])
+        crops.append(grad)
+    return crops
+
+
+def gradsentry_gradient(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None,
+                        crop: int = 8) -> torch.Tensor:
+    """GradSentry's own call for one sample: autograd.grad of the model's mean answer-token loss w.r.t. the output
+    embedding weight, cropped to [:V//crop, :d//crop]. A full backward pass; with tied embeddings this includes the
+    input-embedding path (rows of the prompt's token ids), as the original code does. Mode (train/eval) is the caller's.
+    """
+    weight = model.get_output_embeddings().weight
+    was = weight.requires_grad
+    weight.requires_grad_(True)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        (grad,) = torch.autograd.grad(out.loss, [weight])
+    finally:
+        weight.requires_grad_(was)
+    v, d = grad.shape
+    return grad[:v // crop, :d // crop].detach().float()
+
+
+def gradsentry_lowrank_entropy(g: torch.Tensor, rank: int = 16, niter: int = 2) -> float:
+    """GradSentry's spectrum: torch.svd_lowrank(q=rank, niter) of the crop (randomised), then `spectral_entropy`."""
+    _, s, _ = torch.svd_lowrank(g.float(), q=rank, niter=niter)
+    return float(spectral_entropy(s, rank)[0])

@@ -1,0 +1,154 @@
+"""Per-sample gradient spectra of a causal LM's output projection, from one batched forward pass.
+
+GradSentry scores a fine-tuning sample by the spectrum of G = d(mean answer-token cross-entropy) / d(lm_head weight),
+cropped to its first V/8 rows and d/8 columns. That gradient is E^T H / n (DESIGN.md 3.1): E = softmax - onehot at
+the answer positions, H = the inputs of lm_head there. Both come out of the forward pass, so no backward pass and no
+V x d gradient are needed; the `gram_entropy` / `fft_entropy` ops turn (H, W, targets) into the spectrum.
+
+Choices a user should know about:
+- Tied embeddings (SmolLM2, Gemma, GPT-2): the matrix is also the input embedding, so autograd on it would add the
+  gradient reaching it through the input tokens. We take the logits path only: the gradient of the output projection
+  as a layer. For untied models (the Llama-2/Mistral models GradSentry was run on) the two are the same.
+- Mode: the forward runs in eval mode (dropout off), so a score is deterministic. GradSentry calls `model.train()`;
+  for models whose dropout probabilities are 0 (SmolLM2, Gemma-3, Llama, Qwen2 as shipped) both modes give the same
+  forward pass; with dropout > 0 GradSentry's own score is random from call to call.
+- Hidden states are captured by a forward pre-hook on the output embedding that stops the forward there, so the
+  (B, S, V) logits are never formed; this works for any model whose `get_output_embeddings()` is the module applied
+  last (Llama, Qwen2, Mistral, Phi3, Gemma, GPT-2). Logit soft-capping (Gemma-2) changes the gradient and is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping, Tuple
+
+import torch
+
+from .ops.fft_entropy import fft_entropy_from_hidden
+from .ops.gram_entropy import gram_spectrum_from_hidden, spectral_entropy
+
+IGNORE_INDEX = -100
+SPECTRA = ("svd", "fft")
+
+
+class _Captured(Exception):
+    """Raised inside the pre-hook to end the forward pass once the lm_head input is known."""
+
+
+def output_embedding(model) -> torch.nn.Module:
+    """The model's output projection (lm_head), with a clear error when it has none we can use."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
+        raise ValueError(f"{type(model).__name__} exposes no output embedding with a 2-D weight "
+                         "(get_output_embeddings()); fast_entropy needs a causal LM with an lm_head")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the output embedding has a bias; the gradient spectrum here assumes logits = h W^T")
+    config = getattr(model, "config", None)
+    cap = getattr(config, "final_logit_softcapping", None) if config is not None else None
+    if cap:
+        raise ValueError(f"final_logit_softcapping={cap}: soft-capped logits change the lm_head gradient; "
+                         "not supported")
+    return head
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def check_batch(model, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) after the checks that turn silent garbage into clear errors."""
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise ValueError(f"batch has no {key!r}; make it with tensorguard_fast.io.datasets.collate")
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if input_ids.dim() != 2 or labels.shape != input_ids.shape or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids, labels, attention_mask must all be (B, S); got {tuple(input_ids.shape)}, "
+                         f"{tuple(labels.shape)}, {tuple(attention_mask.shape)}")
+    device = _model_device(model)
+    for key, t in (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask)):
+        if t.device != device:
+            raise ValueError(f"batch[{key!r}] is on {t.device} but the model is on {device}; move the batch with "
+                             f"{{k: v.to({str(device)!r}) for k, v in batch.items()}}")
+    vocab = output_embedding(model).weight.shape[0]
+    for key, t in (("input_ids", input_ids), ("labels", labels[labels != IGNORE_INDEX])):
+        if t.numel() and (int(t.max()) >= vocab or int(t.min()) < 0):
+            raise ValueError(f"batch[{key!r}] has token id {int(t.max())} (min {int(t.min())}) outside the model's "
+                             f"vocabulary of {vocab}: the tokenizer does not belong to this model")
+    return input_ids, attention_mask, labels
+
+
+def lm_head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states (B, S, d) entering the output embedding, from one forward pass that stops before the logits."""
+    head = output_embedding(model)
+    seen = {}
+
+    def hook(module, args):
+        seen["hidden"] = args[0]
+        raise _Captured
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "hidden" not in seen:
+        raise RuntimeError(f"{type(model).__name__}.forward never called its output embedding")
+    return seen["hidden"]
+
+
+def answer_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Shift labels so targets[b, t] is the token the logits at t predict (HF's causal-LM convention)."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def gradient_spectrum(model, batch: Mapping[str, torch.Tensor], crop: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (B, T) float64, descending, of each sample's cropped lm_head gradient, and n_tokens (B,).
+
+    A sample with no answer token has NaN singular values and n_tokens 0.
+    """
+    hidden, weight, targets = _forward(model, batch)
+    return gram_spectrum_from_hidden(hidden, weight, targets, crop=crop)
+
+
+def _forward(model, batch):
+    input_ids, attention_mask, labels = check_batch(model, batch)
+    hidden = lm_head_inputs(model, input_ids, attention_mask)
+    return hidden, output_embedding(model).weight.detach(), answer_targets(labels)
+
+
+def fast_entropy(model, batch: Mapping[str, torch.Tensor], spectrum: str = "svd", rank: int = 16,
+                 crop: int = 8) -> torch.Tensor:
+    """GradSentry's per-sample score, (B,) float64, from one batched forward pass and no backward pass.
+
+    spectrum="svd": normalised entropy of the `rank` largest singular values of the cropped lm_head gradient
+    (GradSentry's score, with exact singular values where GradSentry's svd_lowrank is randomised).
+    spectrum="fft": normalised entropy of the one-sided power spectrum of the row-major flattened crop (the
+    `fft_entropy` op's defaults).
+    `batch` holds input_ids, attention_mask and labels (-100 on prompt and padding) on the model's device, as
+    `tensorguard_fast.io.datasets.collate` makes them. NaN for a sample without answer tokens.
+    """
+    if spectrum not in SPECTRA:
+        raise ValueError(f"spectrum={spectrum!r}: choose one of {SPECTRA}")
+    if spectrum == "svd":
+        svals, _ = gradient_spectrum(model, batch, crop)
+        return spectral_entropy(svals, rank).cpu()
+    hidden, weight, targets = _forward(model, batch)
+    return fft_entropy_from_hidden(hidden, weight, targets, crop=crop).to(torch.float64).cpu()

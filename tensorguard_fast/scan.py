@@ -1,0 +1,252 @@
+"""Scan a fine-tuning dataset for poisoned samples: score every sample, pick a threshold, write the clean set back.
+
+Layout of an output directory:
+    scan_config.json      the settings the spectra depend on; a restart with other settings is refused
+    parts/part-*.jsonl    raw per-sample results (singular values, FFT entropy, n_answer_tokens or the problem),
+                          appended one whole batch at a time as batches finish
+    scores.jsonl          id, score, n_answer_tokens, flagged, reason: one line per input sample, in input order
+    flagged.jsonl         the flagged samples as they were in the input (unreadable lines included, verbatim)
+    clean.<ext>           the rest, in the input's own format
+    summary.json          threshold, rule, reason, counts, timings
+    histogram.png         the scores with the threshold marked
+
+Resuming: batches are fixed before any work (sorted by length, then cut), and a batch's lines are written with one
+append and fsync. A scan killed at any moment leaves at most a torn last line, which the restart drops before it
+redoes that batch, so the final files are the same as an uninterrupted run (same batches, same arithmetic).
+
+Sharding: `scan_part` scores any subset of sample indices into its own part file; `finish` merges every part file
+of the directory. A multi-process run gives rank r the indices r::world and part-{r}; rank 0 calls `finish` after
+a barrier.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import entropy
+from .io.datasets import Dataset, collate, load_samples, pad_id
+from .scores import DEFAULT_SCORE, compute_scores
+from .threshold import choose_threshold, parse_threshold
+
+PARTS = "parts"
+
+
+def _config(model_name: str, dataset: Dataset, spectrum: str, crop: int, max_len: int, batch_size: int) -> dict:
+    return {"model": model_name, "data": os.path.abspath(dataset.path), "n_samples": len(dataset),
+            "spectrum": spectrum, "crop": crop, "max_len": max_len, "batch_size": batch_size}
+
+
+def _check_config(out_dir: str, config: dict) -> None:
+    path = os.path.join(out_dir, "scan_config.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"{out_dir} holds a scan with other settings {diff} (old, new); use another --out or "
+                             "delete it")
+        return
+    _write_json(path, config)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def read_part(path: str) -> List[dict]:
+    """Complete lines of a part file; a torn last line (a kill mid-write) is cut off the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as fh:
+        data = fh.read()
+    keep = data[:data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(len(keep))
+    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
+
+
+def plan_batches(dataset: Dataset, indices: Sequence[int], batch_size: int) -> List[List[int]]:
+    """Fixed batches of the scorable samples among `indices`: sorted by length (less padding), then cut."""
+    scorable = [i for i in indices if not dataset.samples[i].problem]
+    scorable.sort(key=lambda i: (len(dataset.samples[i].input_ids), i))
+    return [scorable[k:k + batch_size] for k in range(0, len(scorable), batch_size)]
+
+
+def score_batch(model, tokenizer, dataset: Dataset, batch_indices: Sequence[int], spectrum: str = "svd",
+                crop: int = 8) -> List[dict]:
+    """Raw results of one batch: singular values (all of them) and n_answer_tokens, plus the FFT entropy when
+    spectrum == 'fft'. One forward pass."""
+    samples = [dataset.samples[i] for i in batch_indices]
+    device = next(model.parameters()).device
+    batch = collate(samples, pad_id(tokenizer), device=device)
+    hidden, weight, targets = entropy._forward(model, batch)
+    svals, n_tokens = entropy.gram_spectrum_from_hidden(hidden, weight, targets, crop=crop)
+    fft = None
+    if spectrum == "fft":
+        fft = entropy.fft_entropy_from_hidden(hidden, weight, targets, crop=crop).to(torch.float64).cpu()
+    rows = []
+    for j, i in enumerate(batch_indices):
+        n = int(n_tokens[j])
+        s = svals[j, :max(n, 1)].cpu().tolist()
+        rows.append({"index": i, "n_answer_tokens": n, "svals": s,
+                     "fft": None if fft is None else float(fft[j])})
+    return rows
+
+
+def scan_part(model, tokenizer, dataset: Dataset, indices: Sequence[int], part_path: str, spectrum: str = "svd",
+              crop: int = 8, batch_size: int = 16, progress: bool = True) -> int:
+    """Score the samples at `indices` into `part_path`, skipping those already there. Returns samples scored now."""
+    done = {row["index"] for row in read_part(part_path)}
+    batches = [b for b in plan_batches(dataset, indices, batch_size) if not set(b) <= done]
+    for b in batches:
+        if set(b) & done:   # cannot happen with whole-batch appends; a mixed batch means another writer
+            raise RuntimeError(f"{part_path}: batch {b[:3]}... is partly done; was the part file written by another "
+                               "scan?")
+    todo = sum(len(b) for b in batches)
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=todo, unit="sample", desc="scan", smoothing=0.1)
+    scored = 0
+    with open(part_path, "ab") as fh:
+        for b in batches:
+            rows = score_batch(model, tokenizer, dataset, b, spectrum, crop)
+            fh.write("".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+            scored += len(b)
+            if bar is not None:
+                bar.update(len(b))
+    if bar is not None:
+        bar.close()
+    return scored
+
+
+def merge_parts(out_dir: str, dataset: Dataset) -> List[Optional[dict]]:
+    """Raw rows of every part file, by sample index; a duplicate or a missing scorable sample is an error."""
+    rows: List[Optional[dict]] = [None] * len(dataset)
+    part_dir = os.path.join(out_dir, PARTS)
+    for name in sorted(os.listdir(part_dir)) if os.path.isdir(part_dir) else []:
+        if not name.endswith(".jsonl"):
+            continue
+        for row in read_part(os.path.join(part_dir, name)):
+            i = row["index"]
+            if rows[i] is not None:
+                raise RuntimeError(f"sample {i} appears twice in {part_dir}")
+            rows[i] = row
+    missing = [s.index for s in dataset.samples if not s.problem and rows[s.index] is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} samples have no result yet (first: {missing[:5]}); rerun the scan")
+    return rows
+
+
+def finish(out_dir: str, dataset: Dataset, spectrum: str = "svd", score: str = DEFAULT_SCORE,
+           threshold: str = "kde", seconds: Optional[float] = None, extra: Optional[dict] = None) -> dict:
+    """Merge the parts, choose the threshold, write scores.jsonl, flagged.jsonl, clean.<ext>, summary.json and
+    histogram.png (each written whole and renamed into place). Returns the summary."""
+    rows = merge_parts(out_dir, dataset)
+    # Rounded to 10 decimals, far below the float32 noise of the forward pass, so that reruns in other processes
+    # (thread scheduling changes the last float64 bits) write byte-identical files.
+    values = np.round(compute_scores(rows, score=score, spectrum=spectrum), 10)
+    rule, ratio = parse_threshold(threshold)
+    th = choose_threshold(values[np.isfinite(values)], rule, ratio)
+    flagged_idx, clean_idx, lines = [], [], []
+    for s in dataset.samples:
+        value = values[s.index]
+        n = rows[s.index]["n_answer_tokens"] if rows[s.index] else 0
+        if s.problem:
+            flag, reason = True, s.problem
+        elif not np.isfinite(value):
+            flag, reason = True, "no finite score (no answer token scored)"
+        elif value > th.value:
+            flag, reason = True, f"score {value:.4f} > threshold {th.value:.4f}"
+        else:
+            flag, reason = False, f"score {value:.4f} <= threshold {th.value:.4f}"
+        if s.truncation and not s.problem:
+            reason += f"; truncated: {s.truncation}"
+        (flagged_idx if flag else clean_idx).append(s.index)
+        lines.append(json.dumps({"id": s.id, "score": float(value) if np.isfinite(value) else None,
+                                 "n_answer_tokens": n, "flagged": flag, "reason": reason}, ensure_ascii=False))
+    _write_lines(os.path.join(out_dir, "scores.jsonl"), lines)
+    flagged_set = Dataset(dataset.path, "jsonl", dataset.samples, dataset.columns)
+    flagged_set.write(os.path.join(out_dir, "flagged.jsonl"), flagged_idx)
+    ext = {"jsonl": ".jsonl", "json": ".json", "csv": ".csv"}[dataset.format]
+    dataset.write(os.path.join(out_dir, f"clean{ext}"), clean_idx)
+    scored = int(np.isfinite(values).sum())
+    summary = {"threshold": th.as_dict(), "score": score, "spectrum": spectrum,
+               "counts": {"samples": len(dataset), "scored": scored, "flagged": len(flagged_idx),
+                          "clean": len(clean_idx), "unscorable": len(dataset) - scored,
+                          "truncated": sum(1 for s in dataset.samples if s.truncation)},
+               "timings": {"seconds": seconds, "samples_per_s": (scored / seconds) if seconds else None},
+               **(extra or {})}
+    _write_json(os.path.join(out_dir, "summary.json"), summary)
+    histogram(values[np.isfinite(values)], th, os.path.join(out_dir, "histogram.png"), score)
+    return summary
+
+
+def _write_lines(path: str, lines: Iterable[str]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for line in lines:
+            fh.write(line + "\n")
+    os.replace(tmp, path)
+
+
+def histogram(values: np.ndarray, th, path: str, score: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(values, bins=min(60, max(10, len(values) // 5)), color="#4878a8")
+    if np.isfinite(th.value):
+        ax.axvline(th.value, color="#c03030", linestyle="--", label=f"threshold {th.value:.3f} ({th.rule})")
+        ax.legend()
+    ax.set_xlabel(f"score ({score})")
+    ax.set_ylabel("samples")
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def scan(model, tokenizer, data: str, out_dir: str, spectrum: str = "svd", score: str = DEFAULT_SCORE,
+         batch_size: int = 16, threshold: str = "kde", max_len: int = 512, crop: int = 8, model_name: str = "model",
+         progress: bool = True) -> dict:
+    """Scan the dataset file `data` with (model, tokenizer) into `out_dir` (see the module docstring); resumes a
+    killed scan of the same settings. Returns summary.json's content."""
+    if spectrum not in entropy.SPECTRA:
+        raise ValueError(f"spectrum={spectrum!r}: choose one of {entropy.SPECTRA}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    check_vocab(model, tokenizer)
+    dataset = load_samples(data, tokenizer, max_len=max_len)
+    os.makedirs(os.path.join(out_dir, PARTS), exist_ok=True)
+    _check_config(out_dir, _config(model_name, dataset, spectrum, crop, max_len, batch_size))
+    start = time.perf_counter()
+    scan_part(model, tokenizer, dataset, range(len(dataset)), os.path.join(out_dir, PARTS, "part-0.jsonl"),
+              spectrum, crop, batch_size, progress)
+    seconds = time.perf_counter() - start
+    return finish(out_dir, dataset, spectrum, score, threshold, seconds,
+                  {"model": model_name, "data": os.path.abspath(data), "max_len": max_len, "batch_size": batch_size})
+
+
+def check_vocab(model, tokenizer) -> None:
+    """A tokenizer with more ids than the model has output rows belongs to another model."""
+    vocab = entropy.output_embedding(model).weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's output layer has {vocab} rows: "
+                         "they do not belong together")
