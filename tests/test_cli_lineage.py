@@ -62,3 +62,10 @@ def test_bad_file_names_itself(tmp_path, capsys):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     assert main(["fingerprint", str(bad), "-o", str(tmp_path)]) == 1
     assert "broken.safetensors" in capsys.readouterr().err
+
+
+def test_same_directory_names_do_not_overwrite(tmp_path):
+    a = save_tiny(tmp_path / "one" / "ft", seed=0)
+    b = save_tiny(tmp_path / "two" / "ft", seed=1)
+    assert main(["fingerprint", str(a), str(b), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "ft.full.json").exists() and (tmp_path / "out" / "two_ft.full.json").exists()

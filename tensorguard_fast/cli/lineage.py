@@ -55,9 +55,15 @@ def _common(p):
 def cmd_fingerprint(args) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    written = set()
     for spec in _progress(args.models, "fingerprinting"):
         fp = load_any(spec, args.profile, args)
-        target = out / f"{fp.model}.{fp.profile}.json"
+        stem = fp.model
+        if stem in written:  # two directories with the same name (e.g. .../a/ft and .../b/ft): prefix the parent
+            stem = f"{Path(spec).resolve().parent.name}_{stem}"
+            fp.metadata["model"] = stem
+        written.add(stem)
+        target = out / f"{stem}.{fp.profile}.json"
         fp.to_json(target)
         print(f"{spec}: {fp.profile} fingerprint, {fp.vector.size} features, {fp.metadata.get('seconds', 0):.2f}s "
               f"-> {target}")
