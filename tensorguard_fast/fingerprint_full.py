@@ -70,18 +70,21 @@ def feature_names() -> List[str]:
 
 
 def _sketch(w: torch.Tensor, x: torch.Tensor, rows: int, stride: int = 1):
-    v = (w @ x).to(torch.float64)
-    finite = torch.isfinite(v)
-    bad = int((~finite).sum())
-    v = torch.where(finite, v, torch.zeros_like(v))
-    rms = torch.sqrt((v * v).sum() / max(int(finite.sum()), 1))
+    """(sketch of u = W x / rms(W x) at `rows` fixed rows, number of non-finite rows). One mat-vec reads W; the
+    d_out-long vector is then handled in numpy (torch's small CPU ops cost more than the mat-vec here)."""
+    v = (w @ x).to(torch.float64).cpu().numpy()
+    finite = np.isfinite(v)
+    bad = int(v.size - finite.sum())
+    if bad:
+        v = np.where(finite, v, 0.0)
+    rms = float(np.sqrt(np.dot(v, v) / max(v.size - bad, 1)))
     out = torch.zeros(rows, dtype=torch.float64)
     if rms > 0:
         # Modulo the largest power of two <= d_out: an extended vocabulary keeps the same rows (unless it crosses
         # a power of two), and a small vocabulary still gives `rows` entries.
-        span = 1 << (v.numel().bit_length() - 1)
-        idx = (torch.arange(rows, device=v.device) * stride) % span
-        out[:] = (v[idx] / rms).cpu()
+        span = 1 << (v.size.bit_length() - 1)
+        idx = (np.arange(rows) * stride) % span
+        out = torch.from_numpy(v[idx] / rms)
     return out, bad
 
 
