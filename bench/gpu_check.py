@@ -217,10 +217,22 @@ def time_entropy(name: str, config, batch: int, seq: int):
     head.requires_grad_(True)  # GradSentry differentiates w.r.t. lm_head only (tied: the embedding too)
     gen = torch.Generator().manual_seed(1)
     data = {k: v.to(dev()) for k, v in _answer_batch(config.vocab_size, batch, seq, gen).items()}
+    from tensorguard_fast import entropy as entropy_mod
+    from tensorguard_fast.ops import gram_entropy as ge
+
     with torch.no_grad():
         t_fast = median_time(lambda: fast_entropy(model, data), repeats=5)
         t_fwd = median_time(lambda: model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]),
                             repeats=5)
+        t_capture = median_time(lambda: entropy_mod._forward(model, data), repeats=5)
+        ge.HOST_FACTOR_ON_CUDA = False
+        try:
+            t_device_eigh = median_time(lambda: fast_entropy(model, data), repeats=5)
+        finally:
+            ge.HOST_FACTOR_ON_CUDA = True
+    row("fast_entropy", f"{name}: where the time goes", t_fast * 1e3, "ms/batch",
+        note=f"forward up to lm_head input {t_capture * 1e3:.1f} ms; spectra {(t_fast - t_capture) * 1e3:.1f} ms "
+             f"(host factorisation) vs {(t_device_eigh - t_capture) * 1e3:.1f} ms (cuSOLVER eigh on the device)")
     n_ref = min(batch, 8)
     sub = {k: v[:n_ref] for k, v in data.items()}
     t_ref = median_time(lambda: _gradsentry_way(model, sub), repeats=3, warmup=1) / n_ref

@@ -133,8 +133,14 @@ def _pivoted_factor(gram: torch.Tensor, cols: int):
 
 def _gram_route_cpu(e: torch.Tensor, h: torch.Tensor, op: str) -> torch.Tensor:
     k, m = _grams(e, h, op)
-    lk, rk = _pivoted_factor(k, e.shape[-1])  # K = Lk Lk^T, rank rk
-    lm, rm = _pivoted_factor(m, h.shape[-1])  # M = Lm Lm^T, rank rm
+    return _spectrum_from_grams_host(k, m, e.shape[-1], h.shape[-1])
+
+
+def _spectrum_from_grams_host(k: torch.Tensor, m: torch.Tensor, cols_e: int, cols_h: int) -> torch.Tensor:
+    """Singular values from the float64 Grams (CPU tensors) by the C++ pivoted Cholesky + eigvalsh."""
+    t = k.shape[-1]
+    lk, rk = _pivoted_factor(k, cols_e)  # K = Lk Lk^T, rank rk
+    lm, rm = _pivoted_factor(m, cols_h)  # M = Lm Lm^T, rank rm
     # E^T H has the non-zero singular values of A = Lk^T Lm (rk x rm non-zero block); s^2 = eig of A A^T, or of
     # A^T A when rm < rk: the Gram of the smaller side has no room for spurious (rounding-noise) eigenvalues, and its
     # rows past that rank are exactly zero, so rank-deficient samples get exact zeros. eigvalsh (no vectors) rather
@@ -144,7 +150,20 @@ def _gram_route_cpu(e: torch.Tensor, h: torch.Tensor, op: str) -> torch.Tensor:
     size = max(1, int(torch.minimum(rk, rm).max()))
     a = a[:, :size]  # rows past every sample's smaller rank are zero
     w = torch.linalg.eigvalsh(a @ a.mT).clamp_min(0).sqrt().flip(-1)
-    return torch.cat([w, w.new_zeros(w.shape[0], e.shape[1] - size)], 1) if size < e.shape[1] else w
+    return torch.cat([w, w.new_zeros(w.shape[0], t - size)], 1) if size < t else w
+
+
+# On CUDA the T x T factorisations run on the host when the C++ extension is there: B small eigen-problems
+# (T <= a few hundred) cost cuSOLVER a launch sequence each, the host a fraction of a millisecond; only the Grams
+# (B x T x T doubles) cross the bus. bench/gpu_check.py times both routes.
+HOST_FACTOR_ON_CUDA = True
+
+
+def _gram_route_cuda(e: torch.Tensor, h: torch.Tensor, op: str) -> torch.Tensor:
+    if not (HOST_FACTOR_ON_CUDA and _backend.cpp() is not None):
+        return _gram_route(e, h, op)
+    k, m = _grams(e, h, op)
+    return _spectrum_from_grams_host(k.cpu(), m.cpu(), e.shape[-1], h.shape[-1]).to(e.device)
 
 
 def gram_spectrum(E: torch.Tensor, H: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
@@ -163,6 +182,8 @@ def gram_spectrum(E: torch.Tensor, H: torch.Tensor, backend: Optional[str] = Non
         out = torch.zeros(e.shape[0], e.shape[1], dtype=torch.float64, device=e.device)
     elif chosen == "cpp":
         out = _gram_route_cpu(e, h, "gram_spectrum")
+    elif e.device.type == "cuda":
+        out = _gram_route_cuda(e, h, "gram_spectrum")
     else:
         out = _gram_route(e, h, "gram_spectrum")
     return out[0] if single else out
