@@ -172,7 +172,7 @@ def gradient_stats(w: torch.Tensor, probes: torch.Tensor) -> Tuple[List[Dict[str
     finite = np.isfinite(v)
     v = np.where(finite, v, 0.0)
     u = v / np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]
-    x = probes.to(torch.float64).numpy()                              # k x d_in
+    x = probes.to(torch.float64).cpu().numpy()                        # k x d_in
     u2, x2 = u * u, x * x
     su = np.stack([u.sum(1), u2.sum(1), np.einsum("ij,ij->i", u2, u), np.einsum("ij,ij->i", u2, u2),
                    np.abs(u).sum(1)]).T.tolist()
