@@ -330,3 +330,25 @@ def test_smollm2_equals_autograd_per_sample(smollm2):
     for got, want in zip(got_all, want_all):
         assert abs(got - want) <= 1e-4, (got_all, want_all)
     assert len(set(round(x, 6) for x in got_all)) == 3  # real, distinct scores
+
+
+def test_host_factor_route_matches_reference():
+    """The CUDA option HOST_FACTOR_ON_CUDA (Grams on the device, factorisations on the host) is plain torch + C++;
+    run its function on CPU tensors against svdvals of the materialised product."""
+    from tensorguard_fast import _backend
+    from tensorguard_fast.ops import gram_entropy as ge
+
+    if _backend.cpp() is None:
+        pytest.skip("needs the C++ extension")
+    g = torch.Generator().manual_seed(7)
+    e = torch.randn(3, 9, 40, generator=g)
+    h = torch.randn(3, 9, 5, generator=g)  # rank 5 < T = 9: exact zeros expected past it
+    old = ge.HOST_FACTOR_ON_CUDA
+    ge.HOST_FACTOR_ON_CUDA = True
+    try:
+        got = ge._gram_route_cuda(e, h, "test")
+    finally:
+        ge.HOST_FACTOR_ON_CUDA = old
+    want = torch.linalg.svdvals(e.double().mT @ h.double())
+    assert torch.allclose(got[:, :5], want, rtol=1e-10, atol=1e-12)
+    assert torch.all(got[:, 5:] == 0)

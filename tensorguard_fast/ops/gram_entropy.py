@@ -153,10 +153,11 @@ def _spectrum_from_grams_host(k: torch.Tensor, m: torch.Tensor, cols_e: int, col
     return torch.cat([w, w.new_zeros(w.shape[0], t - size)], 1) if size < t else w
 
 
-# On CUDA the T x T factorisations run on the host when the C++ extension is there: B small eigen-problems
-# (T <= a few hundred) cost cuSOLVER a launch sequence each, the host a fraction of a millisecond; only the Grams
-# (B x T x T doubles) cross the bus. bench/gpu_check.py times both routes.
-HOST_FACTOR_ON_CUDA = True
+# Option: on CUDA, run the T x T factorisations on the host (C++ pivoted Cholesky) instead of cuSOLVER's eigh; only
+# the Grams (B x T x T doubles) cross the bus. Expected to help when B small eigen-problems dominate (the H200 run
+# put fast_entropy at 1.9x a plain forward on a 7B shape), but not yet measured on a GPU: off by default until
+# bench/gpu_check.py, which times both routes, shows it wins.
+HOST_FACTOR_ON_CUDA = False
 
 
 def _gram_route_cuda(e: torch.Tensor, h: torch.Tensor, op: str) -> torch.Tensor:
