@@ -53,6 +53,10 @@ def _common(p):
 
 
 def cmd_fingerprint(args) -> int:
+    if args.source or args.store:
+        return _fingerprint_into_store(args)
+    if not args.models:
+        raise ValueError("name at least one MODEL, or --from LIST_OR_DIR with --store DB")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     written = set()
@@ -68,6 +72,21 @@ def cmd_fingerprint(args) -> int:
         print(f"{spec}: {fp.profile} fingerprint, {fp.vector.size} features, {fp.metadata.get('seconds', 0):.2f}s "
               f"-> {target}")
     return 0
+
+
+def _fingerprint_into_store(args) -> int:
+    """Many models into a FingerprintStore with N workers; skips what the store has, records failures."""
+    from ..fingerprint_many import fingerprint_many, model_list, summarize
+
+    if not args.store:
+        raise ValueError("--from needs --store DB (where the fingerprints and failures go)")
+    models = list(args.models) + (model_list(args.source) if args.source else [])
+    if not models:
+        raise ValueError("no model to fingerprint")
+    results = fingerprint_many(models, args.store, args.profile or "full", args.workers, args.seed, args.device,
+                               args.allow_pickle, progress=sys.stderr.isatty())
+    print(summarize(results))
+    return 1 if any(r["status"] == "failed" for r in results) else 0
 
 
 def cmd_compare(args) -> int:
@@ -182,9 +201,14 @@ def cmd_plot(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("fingerprint", help="fingerprint models, one JSON each")
-    p.add_argument("models", nargs="+", metavar="MODEL")
+    p = subparsers.add_parser("fingerprint", help="fingerprint models, one JSON each (or many into a store)")
+    p.add_argument("models", nargs="*", metavar="MODEL")
     p.add_argument("-o", "--output", default=".", help="directory for the JSON files")
+    p.add_argument("--from", dest="source", metavar="LIST_OR_DIR",
+                   help="fingerprint every model named in a list file (one per line) or found in a directory")
+    p.add_argument("--store", metavar="DB", help="write into this SQLite fingerprint store instead of JSON files; "
+                   "models already in it (same file hashes and profile) are skipped, failures are recorded")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for --store")
     _common(p)
     p.set_defaults(func=cmd_fingerprint)
 

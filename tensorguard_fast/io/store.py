@@ -43,10 +43,14 @@ CREATE TABLE IF NOT EXISTS failures (
 
 def identity(fp: Fingerprint) -> str:
     """The store key of a fingerprint's checkpoint: its file hashes joined, or the model name when it has none."""
-    hashes = fp.metadata.get("file_hashes") or {}
-    if hashes:
-        return "|".join(f"{k}={v}" for k, v in sorted(hashes.items()))
-    return "model:" + fp.model
+    return checkpoint_key(fp.metadata.get("file_hashes") or {}, fp.model)
+
+
+def checkpoint_key(file_hashes: dict, model: str) -> str:
+    """`identity` from a checkpoint's file hashes (io.loading's WeightSource.file_hashes()), before fingerprinting."""
+    if file_hashes:
+        return "|".join(f"{k}={v}" for k, v in sorted(file_hashes.items()))
+    return "model:" + model
 
 
 def _now() -> str:

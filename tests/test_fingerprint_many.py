@@ -1,0 +1,57 @@
+"""Many-model fingerprinting into a FingerprintStore: workers, failures recorded per model, reruns skip."""
+import subprocess
+import sys
+from pathlib import Path
+
+from lineage_models import save_tiny
+from tensorguard_fast.fingerprint_many import fingerprint_many, model_list
+from tensorguard_fast.io.store import FingerprintStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _registry(tmp_path):
+    reg = tmp_path / "registry"
+    reg.mkdir()
+    for seed in range(3):
+        save_tiny(reg / f"m{seed}", seed=seed)
+    (reg / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    return reg
+
+
+def test_two_workers_failures_and_skips(tmp_path):
+    reg = _registry(tmp_path)
+    models = model_list(str(reg))
+    assert [Path(m).name for m in models] == ["broken.safetensors", "m0", "m1", "m2"]
+    db = tmp_path / "fp.db"
+    results = fingerprint_many(models, str(db), profile="tensorguard", workers=2, progress=False)
+    status = {Path(r["model"]).name: r["status"] for r in results}
+    assert status == {"broken.safetensors": "failed", "m0": "done", "m1": "done", "m2": "done"}
+    with FingerprintStore(db) as store:
+        assert sorted(r["model"] for r in store.list()) == ["m0", "m1", "m2"]
+        (failure,) = store.failures()
+        assert failure["path"].endswith("broken.safetensors") and "broken.safetensors" in failure["error"]
+    again = fingerprint_many(models, str(db), profile="tensorguard", workers=1, progress=False)
+    assert [r["status"] for r in again] == ["failed", "skipped", "skipped", "skipped"]
+    with FingerprintStore(db) as store:
+        assert len(store.list()) == 3 and len(store.failures()) == 2
+
+
+def test_cli_list_file_and_torchrun_ranks(tmp_path):
+    reg = _registry(tmp_path)
+    listing = tmp_path / "models.txt"
+    listing.write_text(f"# registry\n{reg / 'm0'}\n\n{reg / 'm1'}\n")
+    db = tmp_path / "cli.db"
+    out = subprocess.run([sys.executable, "-m", "tensorguard_fast.cli", "fingerprint", "--from", str(listing),
+                          "--store", str(db), "--profile", "tensorguard"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "2 fingerprinted, 0 already in the store, 0 failed" in out.stdout
+    # torchrun ranks share the list: every model once, the two already there skipped.
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "tensorguard_fast.fingerprint_many", "--from", str(reg), "--store", str(db),
+                          "--profile", "tensorguard"], cwd=ROOT, capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 1, out.stdout + out.stderr  # the broken file fails its rank, the rest is stored
+    assert "failed: " in out.stdout and "broken.safetensors" in out.stdout
+    with FingerprintStore(db) as store:
+        assert sorted(r["model"] for r in store.list()) == ["m0", "m1", "m2"]
