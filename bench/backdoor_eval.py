@@ -1,12 +1,14 @@
 """Detection quality of the backdoor filter: precision, recall, F1 and FPR of every score under every threshold rule,
 on fanoutqa QA pairs poisoned by four attacks at 1/5/10/50/90%, with a long-answer clean control in every set.
 
-    PYTHONPATH=. python bench/backdoor_eval.py                 # full: SmolLM2, 4 attacks x 5 ratios, + Gemma (~20 min)
+    PYTHONPATH=. python bench/backdoor_eval.py                 # full: SmolLM2, 4 attacks x 5 ratios, + Gemma
+                                                               # (17 min of CPU on 2 cores; 46 min wall when shared)
     PYTHONPATH=. python bench/backdoor_eval.py --quick         # a few dozen samples (what the tests run)
 
 Each set: N samples, round(ratio N) poisoned, 15% of the rest clean answers lengthened by a benign sentence of the
 payload's length (kind long_clean; FPR_long is the share of them flagged), for CBA also trigger-bearing clean
-negatives. The prompt is the raw question, no chat template (GradSentry's own format; also 3-4x fewer tokens here).
+negatives. The prompt is the raw question, no chat template (GradSentry's own format; also 3-4x fewer tokens here);
+--chat-template renders it as `scan` does by default (--attacks badnets --ratios 0.1,0.5 for a ~10 min check).
 A sample's spectrum does not depend on the set it is in, so each distinct sample is scored once and reused.
 Output: bench/results/backdoor_eval.json and the tables printed.
 """
@@ -27,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tensorguard_fast.attacks import ATTACKS, fanoutqa_pairs, poisoned_set, write_jsonl  # noqa: E402
 from tensorguard_fast.io.datasets import load_samples  # noqa: E402
 from tensorguard_fast.scan import plan_batches, score_batch  # noqa: E402
-from tensorguard_fast.scores import score_row  # noqa: E402
+from tensorguard_fast.scores import compute_scores  # noqa: E402
 from tensorguard_fast.threshold import choose_threshold  # noqa: E402
 
 SCORES = ("gradsentry", "fft", "energy")
@@ -38,8 +40,9 @@ RATIOS = (0.01, 0.05, 0.10, 0.50, 0.90)
 class SpectrumCache:
     """Raw scan rows of distinct samples (same token ids = same spectrum), computed in batches on demand."""
 
-    def __init__(self, model, tokenizer, batch_size=16, max_len=256, path=None):
+    def __init__(self, model, tokenizer, batch_size=16, max_len=256, path=None, chat_template=False):
         self.model, self.tokenizer, self.batch_size, self.max_len = model, tokenizer, batch_size, max_len
+        self.chat_template = chat_template
         self.rows: Dict[tuple, dict] = {}
         self.seconds = 0.0
         self.scored = 0
@@ -56,7 +59,7 @@ class SpectrumCache:
     def rows_for(self, records: List[dict]) -> List[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             ds = load_samples(write_jsonl(records, os.path.join(tmp, "set.jsonl")), self.tokenizer,
-                              max_len=self.max_len, use_chat_template=False)
+                              max_len=self.max_len, use_chat_template=self.chat_template)
         keys = [(tuple(s.prompt_ids), tuple(s.answer_ids)) for s in ds.samples]
         todo, seen = [], set()
         for s, k in zip(ds.samples, keys):
@@ -104,7 +107,7 @@ def evaluate_set(cache: SpectrumCache, records: List[dict], setting: dict) -> Li
     kinds = np.array([r["kind"] for r in records])
     out = []
     for score in SCORES:
-        values = np.array([score_row(row, score) for row in rows])
+        values = compute_scores(rows, score, spectrum="fft")
         ok = np.isfinite(values)
         for rule in RULES:
             th = choose_threshold(values[ok], rule, ratio=setting["ratio"])
@@ -116,8 +119,8 @@ def evaluate_set(cache: SpectrumCache, records: List[dict], setting: dict) -> Li
 
 
 def run(model, tokenizer, attacks=ATTACKS, ratios=RATIOS, n=200, model_name="smollm2", seed=0, batch_size=16,
-        cache_path=None) -> List[dict]:
-    cache = SpectrumCache(model, tokenizer, batch_size, path=cache_path)
+        cache_path=None, chat_template=False) -> List[dict]:
+    cache = SpectrumCache(model, tokenizer, batch_size, path=cache_path, chat_template=chat_template)
     pairs = fanoutqa_pairs(max_answer_chars=200)
     results = []
     for attack in attacks:
@@ -174,6 +177,10 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--gemma-n", type=int, default=100)
     ap.add_argument("--no-gemma", action="store_true")
+    ap.add_argument("--chat-template", action="store_true", help="render prompts with the tokenizer's chat template "
+                    "(what `scan` does by default; about 3x the tokens here)")
+    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     ap.add_argument("--cache", default=None, help="directory for raw spectra (reruns then re-score without models)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -185,7 +192,9 @@ def main(argv=None):
         cache = (lambda name: os.path.join(args.cache, f"{name}.json") if args.cache else None)
         if args.cache:
             os.makedirs(args.cache, exist_ok=True)
-        results = run(model, tok, n=args.n, cache_path=cache("smollm2"))
+        tag = "smollm2-chat" if args.chat_template else "smollm2"
+        results = run(model, tok, attacks=args.attacks.split(","), ratios=[float(r) for r in args.ratios.split(",")],
+                      n=args.n, cache_path=cache(tag), chat_template=args.chat_template, model_name=tag)
         if not args.no_gemma:
             del model
             gmodel, gtok = load_bundled("gemma3-270m")
@@ -200,8 +209,8 @@ def main(argv=None):
     avg = averages(results)
     print_table("Means over all attacks and ratios", avg,
                 ["model", "score", "rule", "F1", "P", "R", "FPR", "FPR_long", "fallbacks"])
-    write_results("backdoor_eval" + ("_quick" if args.quick else ""), results,
-                  {"summary": table, "averages": avg, "seconds": seconds})
+    name = "backdoor_eval" + ("_quick" if args.quick else "") + ("_chat" if args.chat_template else "")
+    write_results(name, results, {"summary": table, "averages": avg, "seconds": seconds})
 
 
 if __name__ == "__main__":

@@ -124,11 +124,12 @@ def gradient_spectrum(model, batch: Mapping[str, torch.Tensor], crop: int = 8) -
 
     A sample with no answer token has NaN singular values and n_tokens 0.
     """
-    hidden, weight, targets = _forward(model, batch)
+    hidden, weight, targets = gradient_inputs(model, batch)
     return gram_spectrum_from_hidden(hidden, weight, targets, crop=crop)
 
 
-def _forward(model, batch):
+def gradient_inputs(model, batch):
+    """(hidden, lm_head weight, targets): all the ops need for the per-sample lm_head gradients of a batch."""
     input_ids, attention_mask, labels = check_batch(model, batch)
     hidden = lm_head_inputs(model, input_ids, attention_mask)
     return hidden, output_embedding(model).weight.detach(), answer_targets(labels)
@@ -150,5 +151,5 @@ def fast_entropy(model, batch: Mapping[str, torch.Tensor], spectrum: str = "svd"
     if spectrum == "svd":
         svals, _ = gradient_spectrum(model, batch, crop)
         return spectral_entropy(svals, rank).cpu()
-    hidden, weight, targets = _forward(model, batch)
+    hidden, weight, targets = gradient_inputs(model, batch)
     return fft_entropy_from_hidden(hidden, weight, targets, crop=crop).to(torch.float64).cpu()

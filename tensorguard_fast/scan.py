@@ -89,7 +89,7 @@ def score_batch(model, tokenizer, dataset: Dataset, batch_indices: Sequence[int]
     samples = [dataset.samples[i] for i in batch_indices]
     device = next(model.parameters()).device
     batch = collate(samples, pad_id(tokenizer), device=device)
-    hidden, weight, targets = entropy._forward(model, batch)
+    hidden, weight, targets = entropy.gradient_inputs(model, batch)
     svals, n_tokens = entropy.gram_spectrum_from_hidden(hidden, weight, targets, crop=crop)
     fft = None
     if spectrum == "fft":

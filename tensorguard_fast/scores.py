@@ -11,47 +11,38 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
+import torch
+
+from .ops.gram_entropy import spectral_entropy
 
 SCORES = ("gradsentry", "energy", "fft")
 DEFAULT_SCORE = "gradsentry"
 RANK = 16
 
 
-def entropy_of(svals: Sequence[float], rank: int = RANK, squared: bool = False) -> float:
-    """Normalised entropy of the top-`rank` values (zero-padded, clamped at 1e-12 as GradSentry does)."""
-    s = np.sort(np.asarray(svals, dtype=np.float64))[::-1][:rank]
-    if s.size == 0 or not np.all(np.isfinite(s)):
-        return math.nan
-    s = np.concatenate([s, np.zeros(rank - s.size)]).clip(min=1e-12)
-    if squared:
-        s = s * s
-    p = s / s.sum()
-    return float(-(p * np.log(p)).sum() / math.log(rank))
+def compute_scores(rows: List[Optional[dict]], score: str = DEFAULT_SCORE, spectrum: str = "svd") -> np.ndarray:
+    """Scores of raw scan rows ({"svals", "n_answer_tokens", "fft"}; None = not scored) as float64; NaN for samples
+    without a score."""
+    if score not in SCORES:
+        raise ValueError(f"score={score!r}: choose one of {SCORES}")
+    scored = [r is not None and r.get("n_answer_tokens", 0) >= 1 for r in rows]
+    if score == "fft":
+        if spectrum != "fft" or any(ok and r.get("fft") is None for ok, r in zip(scored, rows)):
+            raise ValueError("score 'fft' needs a scan with spectrum='fft'")
+        return np.array([float(r["fft"]) if ok else math.nan for ok, r in zip(scored, rows)], dtype=np.float64)
+    width = max([len(r["svals"]) for ok, r in zip(scored, rows) if ok] + [1])
+    svals = torch.full((len(rows), width), math.nan, dtype=torch.float64)
+    for i, (ok, r) in enumerate(zip(scored, rows)):
+        if ok:
+            svals[i] = 0.0
+            svals[i, :len(r["svals"])] = torch.tensor(r["svals"], dtype=torch.float64)
+    out = spectral_entropy(svals, rank=RANK, squared=(score == "energy")) if len(rows) else torch.zeros(0)
+    return out.numpy().astype(np.float64)
 
 
 def score_row(row: Optional[dict], score: str = DEFAULT_SCORE) -> float:
-    """The score of one raw scan row ({"svals", "n_answer_tokens", "fft"}); NaN when it cannot be scored."""
-    if row is None or row.get("n_answer_tokens", 0) < 1:
-        return math.nan
-    if score == "gradsentry":
-        return entropy_of(row["svals"])
-    if score == "energy":
-        return entropy_of(row["svals"], squared=True)
-    if score == "fft":
-        value = row.get("fft")
-        if value is None:
-            raise ValueError("score 'fft' needs a scan with spectrum='fft'")
-        return float(value)
-    raise ValueError(f"score={score!r}: choose one of {SCORES}")
-
-
-def compute_scores(rows: List[Optional[dict]], score: str = DEFAULT_SCORE, spectrum: str = "svd") -> np.ndarray:
-    """Scores of all raw rows (None = not scored) as a float64 array; NaN for samples without a score."""
-    if score not in SCORES:
-        raise ValueError(f"score={score!r}: choose one of {SCORES}")
-    if score == "fft" and spectrum != "fft":
-        raise ValueError("score 'fft' needs spectrum='fft'")
-    return np.array([score_row(r, score) for r in rows], dtype=np.float64)
+    """The score of one raw scan row; NaN when it cannot be scored."""
+    return float(compute_scores([row], score, spectrum="fft" if score == "fft" else "svd")[0])
