@@ -1,32 +1,89 @@
-"""The main job on the bundled real model, offline: `python -m tensorguard_fast.demo`.
+"""The main job on the bundled real model, offline: `python -m tensorguard_fast.demo [--out DIR] [-n N]`.
 
-Grows with the library: today it summarises every weight matrix of SmolLM2-135M-Instruct with the fused moments
-kernel and checks the result against the float64 reference.
+1. Backdoor filter: a fine-tuning set of real fanoutqa (question, answer) pairs, 10% poisoned with a BadNets-style
+   trigger and a link payload, scanned with SmolLM2-135M-Instruct: scores, threshold, clean set (`scan`).
+2. Model lineage: SmolLM2 against a copy with 1e-3 relative noise (a derivative) and a random-init model of the same
+   shape (another family): fingerprints and distances.
+3. The engine: every weight tensor of SmolLM2 summarised by the fused moments kernel, checked against float64.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import time
+from pathlib import Path
 
-import torch
+
+def backdoor(out: Path, n: int) -> None:
+    from .attacks import poisoned_set, write_jsonl
+    from .io.bundled import load_bundled
+    from .scan import scan
+
+    records = poisoned_set("badnets", n, 0.1, seed=0)
+    data = write_jsonl(records, str(out / "train.jsonl"))
+    model, tokenizer = load_bundled("smollm2")
+    t0 = time.perf_counter()
+    summary = scan(model, tokenizer, data, str(out / "scan"), batch_size=16, model_name="bundled:smollm2")
+    scores = [json.loads(line) for line in (out / "scan" / "scores.jsonl").read_text().splitlines()]
+    poisoned = {r["id"] for r in records if r["poison"]}
+    flagged = {s["id"] for s in scores if s["flagged"]}
+    hit = len(poisoned & flagged)
+    print(f"[scan] {n} samples ({len(poisoned)} poisoned) in {time.perf_counter() - t0:.1f} s: flagged "
+          f"{len(flagged)}, of which {hit} poisoned (recall {hit / max(1, len(poisoned)):.2f}, precision "
+          f"{hit / max(1, len(flagged)):.2f}); threshold {summary['threshold']['value']:.3f} "
+          f"({summary['threshold']['rule']}); clean set: {out / 'scan' / 'clean.jsonl'}")
 
 
-def main() -> int:
+def lineage() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .family import distance
+    from .fingerprint import fast_fingerprint
+    from .io.bundled import bundled_model_dir
+
+    path = bundled_model_dir("smollm2")
+    base = fast_fingerprint(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 1e-3 * p.detach().float().std())
+    noisy = fast_fingerprint(model, name="smollm2+noise")
+    torch.manual_seed(1)
+    other = fast_fingerprint(AutoModelForCausalLM.from_config(model.config), name="random-init")
+    print(f"[lineage] full-profile distance SmolLM2 -> noised copy {distance(base, noisy):.3f}, "
+          f"-> random init of the same shape {distance(base, other):.3f} (same family below 0.7)")
+
+
+def engine() -> None:
+    from safetensors import safe_open
+
     from . import _backend, reference
     from .io.bundled import bundled_model_dir
     from .ops.moments import moments_many
-    from safetensors import safe_open
 
-    path = bundled_model_dir("smollm2") / "model.safetensors"
-    with safe_open(str(path), "pt") as f:
+    with safe_open(str(bundled_model_dir("smollm2") / "model.safetensors"), "pt") as f:
         tensors = [f.get_tensor(k) for k in f.keys()]
     total = sum(t.numel() for t in tensors)
     t0 = time.perf_counter()
     stats = moments_many(tensors)
     dt = time.perf_counter() - t0
     worst = max(abs(s.std - r.std) / max(r.std, 1e-30) for s, r in zip(stats, map(reference.moments, tensors)))
-    print(f"SmolLM2-135M: {len(tensors)} tensors, {total / 1e6:.1f} M weights, moments in {dt * 1e3:.1f} ms "
-          f"({total * 4 / dt / 1e9:.1f} GB/s, backend {_backend.last_backend('moments')}); "
-          f"worst std error vs float64 reference {worst:.1e}")
+    print(f"[moments] {len(tensors)} tensors, {total / 1e6:.1f} M weights in {dt * 1e3:.0f} ms "
+          f"(backend {_backend.last_backend('moments')}); worst std error vs float64 {worst:.1e}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tensorguard_fast.demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="tensorguard-demo", help="where the dataset and the scan results go")
+    ap.add_argument("-n", type=int, default=200, help="fine-tuning samples to scan")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backdoor(out, args.n)
+    lineage()
+    engine()
     return 0
 
 

@@ -102,7 +102,7 @@ def _convert(src: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
@@ -121,6 +121,6 @@ def load_bundled(name: str = "smollm2", dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = bundled_model_dir(name)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
