@@ -15,8 +15,8 @@ append and fsync. A scan killed at any moment leaves at most a torn last line, w
 redoes that batch, so the final files are the same as an uninterrupted run (same batches, same arithmetic).
 
 Sharding: `scan_part` scores any subset of sample indices into its own part file; `finish` merges every part file
-of the directory. A multi-process run gives rank r the indices r::world and part-{r}; rank 0 calls `finish` after
-a barrier.
+of the directory. Under torchrun (`python -m tensorguard_fast.scan` / `main`) rank r scores the indices r::size into
+part-r-of-size.jsonl and rank 0 calls `finish` once every rank is done; a restart resumes each rank's part.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import entropy
+from . import distributed, entropy
 from .io.datasets import Dataset, collate, load_samples, pad_id
 from .scores import DEFAULT_SCORE, compute_scores
 from .threshold import choose_threshold, parse_threshold
@@ -225,23 +225,57 @@ def histogram(values: np.ndarray, th, path: str, score: str) -> None:
 
 def scan(model, tokenizer, data: str, out_dir: str, spectrum: str = "svd", score: str = DEFAULT_SCORE,
          batch_size: int = 16, threshold: str = "kde", max_len: int = 512, crop: int = 8, model_name: str = "model",
-         progress: bool = True) -> dict:
+         progress: bool = True, world: Optional[distributed.World] = None) -> dict:
     """Scan the dataset file `data` with (model, tokenizer) into `out_dir` (see the module docstring); resumes a
-    killed scan of the same settings. Returns summary.json's content."""
+    killed scan of the same settings. Returns summary.json's content.
+
+    world: this process's place in a torchrun job (`distributed.init()`); rank r scores the samples r::size into
+    parts/part-r-of-size.jsonl, rank 0 merges after every rank is done, and every rank returns the summary."""
+    w = world or distributed.World(0, 1, 0)
     if spectrum not in entropy.SPECTRA:
         raise ValueError(f"spectrum={spectrum!r}: choose one of {entropy.SPECTRA}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     check_vocab(model, tokenizer)
     dataset = load_samples(data, tokenizer, max_len=max_len)
-    os.makedirs(os.path.join(out_dir, PARTS), exist_ok=True)
-    _check_config(out_dir, _config(model_name, dataset, spectrum, crop, max_len, batch_size))
+    config = {**_config(model_name, dataset, spectrum, crop, max_len, batch_size), "world_size": w.size}
+    _on_every_rank(w, lambda: (os.makedirs(os.path.join(out_dir, PARTS), exist_ok=True),
+                               _check_config(out_dir, config)) if w.is_main else None)
     start = time.perf_counter()
-    scan_part(model, tokenizer, dataset, range(len(dataset)), os.path.join(out_dir, PARTS, "part-0.jsonl"),
-              spectrum, crop, batch_size, progress)
+    part = "part-0.jsonl" if w.size == 1 else f"part-{w.rank}-of-{w.size}.jsonl"
+    _on_every_rank(w, lambda: scan_part(model, tokenizer, dataset, distributed.shard(range(len(dataset)), w),
+                                        os.path.join(out_dir, PARTS, part), spectrum, crop, batch_size,
+                                        progress and w.is_main))
     seconds = time.perf_counter() - start
-    return finish(out_dir, dataset, spectrum, score, threshold, seconds,
-                  {"model": model_name, "data": os.path.abspath(data), "max_len": max_len, "batch_size": batch_size})
+    extra = {"model": model_name, "data": os.path.abspath(data), "max_len": max_len, "batch_size": batch_size,
+             "world_size": w.size}
+    summary = _on_every_rank(w, lambda: finish(out_dir, dataset, spectrum, score, threshold, seconds, extra)
+                             if w.is_main else None)
+    if summary is None:
+        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as fh:
+            summary = json.load(fh)
+    return summary
+
+
+def _on_every_rank(w: "distributed.World", step):
+    """Run step() here, then wait for every rank; if it failed on any rank, raise on all (none waits forever)."""
+    try:
+        result, error = step(), None
+    except Exception as exc:
+        result, error = None, exc
+    if not distributed.all_ok(error is None):
+        if error is not None:
+            raise error
+        raise RuntimeError("scan: another rank failed (its error is in its own output)")
+    return result
+
+
+def main(argv=None) -> int:
+    """`torchrun --nproc-per-node N -m tensorguard_fast.scan ARGS`: `tensorguard-fast scan`'s arguments, the
+    dataset sharded by rank (gloo on CPU, nccl on GPU). `python -m tensorguard_fast.scan ARGS` is one rank."""
+    from .cli.backdoor import run, scan_parser
+
+    return run(scan_parser().parse_args(argv))
 
 
 def check_vocab(model, tokenizer) -> None:
@@ -250,3 +284,7 @@ def check_vocab(model, tokenizer) -> None:
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's output layer has {vocab} rows: "
                          "they do not belong together")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

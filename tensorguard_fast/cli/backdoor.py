@@ -6,13 +6,27 @@ import argparse
 from ..scores import DEFAULT_SCORE, SCORES
 
 
+_DESCRIPTION = ("Score each (prompt, answer) sample by the spectrum of its own lm_head gradient (GradSentry), flag "
+                "the high ones, and write scores.jsonl, flagged.jsonl, clean.<ext>, summary.json and histogram.png "
+                "into --out. A killed scan resumes where it stopped when run again. Under torchrun "
+                "(python -m tensorguard_fast.scan) the dataset is sharded across ranks.")
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "scan", help="score every sample of a fine-tuning set and write the clean set back",
-        description="Score each (prompt, answer) sample by the spectrum of its own lm_head gradient (GradSentry), "
-                    "flag the high ones, and write scores.jsonl, flagged.jsonl, clean.<ext>, summary.json and "
-                    "histogram.png into --out. A killed scan resumes where it stopped when run again.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("scan", help="score every sample of a fine-tuning set and write the clean set back",
+                              description=_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _arguments(p)
+
+
+def scan_parser() -> argparse.ArgumentParser:
+    """The same arguments for `python -m tensorguard_fast.scan` (the torchrun entry point)."""
+    p = argparse.ArgumentParser(prog="python -m tensorguard_fast.scan", description=_DESCRIPTION,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _arguments(p)
+    return p
+
+
+def _arguments(p) -> None:
     p.add_argument("--model", required=True,
                    help="a local Hugging Face model directory, a hub id, or bundled:smollm2 / bundled:gemma3-270m")
     p.add_argument("--data", required=True, help="dataset file: .jsonl, .json or .csv")
@@ -52,14 +66,23 @@ def load_model(name: str, device=None, dtype: str = "float32"):
 
 
 def run(args) -> int:
+    from .. import distributed
     from ..scan import scan
 
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
-    score = args.score or ("fft" if args.spectrum == "fft" else DEFAULT_SCORE)
-    summary = scan(model, tokenizer, args.data, args.out, spectrum=args.spectrum, score=score,
-                   batch_size=args.batch_size, threshold=args.threshold, max_len=args.max_len, crop=args.crop,
-                   model_name=args.model, progress=not args.no_progress)
-    c, th = summary["counts"], summary["threshold"]
-    print(f"{c['flagged']} of {c['samples']} samples flagged ({c['unscorable']} unscorable); threshold "
-          f"{th['value']:.4f} ({th['reason']}); clean set and report in {args.out}")
+    w = distributed.init()
+    try:
+        device = args.device
+        if device is None and w.size > 1:
+            device = str(distributed.device_for(w))
+        model, tokenizer = load_model(args.model, device, args.dtype)
+        score = args.score or ("fft" if args.spectrum == "fft" else DEFAULT_SCORE)
+        summary = scan(model, tokenizer, args.data, args.out, spectrum=args.spectrum, score=score,
+                       batch_size=args.batch_size, threshold=args.threshold, max_len=args.max_len, crop=args.crop,
+                       model_name=args.model, progress=not args.no_progress, world=w)
+    finally:
+        distributed.close()
+    if w.is_main:
+        c, th = summary["counts"], summary["threshold"]
+        print(f"{c['flagged']} of {c['samples']} samples flagged ({c['unscorable']} unscorable); threshold "
+              f"{th['value']:.4f} ({th['reason']}); clean set and report in {args.out}")
     return 0
