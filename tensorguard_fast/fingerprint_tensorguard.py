@@ -221,6 +221,18 @@ def tensorguard_features(source: WeightSource, seed: int = 0, device=torch.devic
                 sums[s] += kinds.count(kind) * st[s]
         per_layer[key] = {s: v / NUM_SAMPLES for s, v in sums.items()}
         del w
+    values = features_from_layers(per_layer, total_params)
+    names = [k for k in values]
+    meta = {"selected_tensors": selected, "num_tensors": len(targets), "nonfinite_rows": nonfinite_rows,
+            "missing_groups": [g for g in ("attention", "ffn", "embedding")
+                               if not any(layer_type(k) == g for k in per_layer)]}
+    return names, [values[k] for k in names], meta
+
+
+def features_from_layers(per_layer: Dict[str, Dict[str, float]], total_params: int) -> Dict[str, float]:
+    """TensorGuard's feature dict from per-tensor statistics (already averaged over the probe samples): global
+    means of all five statistics, group means of mean/std/norm (a group with no tensor reads 0, as in its code),
+    total_params and num_layers. Shared with reference_tensorguard: this is the definition, not a computation."""
     values: Dict[str, float] = {}
     for s in ("mean", "std", "norm", "skewness", "kurtosis"):
         values[f"global_{s}"] = float(np.mean([f[s] for f in per_layer.values()]))
@@ -231,8 +243,4 @@ def tensorguard_features(source: WeightSource, seed: int = 0, device=torch.devic
                 values[f"{group}_{s}"] = float(np.mean([f[s] for f in members])) if members else 0.0
     values["total_params"] = float(total_params)
     values["num_layers"] = float(len(per_layer))
-    names = [k for k in values]
-    meta = {"selected_tensors": selected, "num_tensors": len(targets), "nonfinite_rows": nonfinite_rows,
-            "missing_groups": [g for g in ("attention", "ffn", "embedding")
-                               if not any(layer_type(k) == g for k in per_layer)]}
-    return names, [values[k] for k in names], meta
+    return values

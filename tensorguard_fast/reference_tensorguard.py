@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from .fingerprint_tensorguard import (FGSM_EPS, NOISE_TYPES, NUM_SAMPLES, _band, layer_type, loaded_by_tensorguard,
-                                      select_tensors)
+from .fingerprint_tensorguard import (FGSM_EPS, NOISE_TYPES, NUM_SAMPLES, _band, features_from_layers,
+                                      loaded_by_tensorguard, select_tensors)
 from .io.loading import WeightSource
 
 
@@ -71,13 +71,4 @@ def tensorguard_reference(source: WeightSource, seed: int = 0, subsample: bool =
             samples.append(_grad_stats(g.astype(np.float64) if float64_stats else g, subsample))
             w.grad = None
         per_layer[key] = {s: float(np.mean([f[s] for f in samples])) for s in samples[0]}
-    out = {f"global_{s}": float(np.mean([f[s] for f in per_layer.values()]))
-           for s in ("mean", "std", "norm", "skewness", "kurtosis")}
-    for group in ("attention", "ffn", "embedding", "norm"):
-        members = [f for k, f in per_layer.items() if layer_type(k) == group]
-        if members or group != "norm":
-            for s in ("mean", "std", "norm"):
-                out[f"{group}_{s}"] = float(np.mean([f[s] for f in members])) if members else 0.0
-    out["total_params"] = float(total_params)
-    out["num_layers"] = float(len(per_layer))
-    return out
+    return features_from_layers(per_layer, total_params)

@@ -8,7 +8,6 @@ hundreds of thousands of fingerprints of ~1k floats.
 from __future__ import annotations
 
 import datetime
-import json
 import sqlite3
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
