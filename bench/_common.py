@@ -94,3 +94,17 @@ def write_results(name: str, rows: Sequence[dict], extra: dict | None = None) ->
     path.write_text(json.dumps(payload, indent=2, default=str))
     print(f"\nwrote {path}")
     return path
+
+
+def add_route_arguments(ap, batch_help: str) -> None:
+    """The options every per-route benchmark takes; `apply_threads(args)` after parsing."""
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=None, help=batch_help)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every route (default: torch's)")
+
+
+def apply_threads(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the C++ kernels follow torch's setting (_backend.num_threads)

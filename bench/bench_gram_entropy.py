@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import print_table, timeit, write_results  # noqa: E402
+from _common import add_route_arguments, apply_threads, print_table, timeit, write_results  # noqa: E402
 from _memory import cuda_peak_bytes, rss_peak_bytes_here, rss_peak_bytes_subprocess  # noqa: E402
 
 from tensorguard_fast import _backend  # noqa: E402
@@ -138,15 +138,10 @@ def main(argv=None) -> int:
     if argv and argv[0] == "--memory-probe":
         return memory_probe(argv[1:])
     ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=None, help="samples per call (default 8 blocks / 4 hidden on CPU)")
-    ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for every route (default: torch's)")
+    add_route_arguments(ap, "samples per call (default 8 blocks / 4 hidden on CPU)")
     ap.add_argument("--skip-7b-hidden", action="store_true", help="the 7B forward routes take minutes on 2 cores")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)  # the C++ kernels follow torch's setting (_backend.num_threads)
+    apply_threads(args)
     cuda = args.device == "cuda"
     plan = [("blocks", c, args.batch or (32 if cuda else 8)) for c in CROPS]
     plan += [("hidden", "smollm2", args.batch or (16 if cuda else 4))]
