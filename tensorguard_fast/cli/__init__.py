@@ -10,7 +10,10 @@ _COMMAND_MODULES = ("tensorguard_fast.cli.info_cmd", "tensorguard_fast.cli.linea
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tensorguard-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tensorguard-fast",
+        description="Model lineage (fingerprint, compare, classify, store, plot) and backdoor filtering (scan) "
+                    "from gradient statistics. `tensorguard-fast COMMAND --help` for each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:
