@@ -19,6 +19,7 @@ Choices a user should know about:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Mapping, Tuple
 
 import torch
@@ -99,10 +100,15 @@ def lm_head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
         seen["hidden"] = args[0]
         raise _Captured
 
+    kwargs = {}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        # From the mask, so a left-padded batch scores as its samples would alone (transformers otherwise counts
+        # positions from the first column, padding included).
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     handle = head.register_forward_pre_hook(hook)
     try:
         with torch.no_grad(), _eval_mode(model):
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     except _Captured:
         pass
     finally:

@@ -156,3 +156,35 @@ def test_tied_embeddings_differ_from_the_full_backward(smollm2, smol_batch):
     full = reference.gradsentry_gradient(model, b["input_ids"], b["labels"]).double()
     logits_only = _slow_logits_path(model, s, pad_id(tok))
     assert (full - logits_only).abs().max() > 1e-3 * logits_only.abs().max()
+
+
+def test_left_padding_scores_like_right_padding():
+    """Position ids come from the attention mask: a left-padded batch (a tokenizer's padding_side='left') gives the
+    same scores as the right-padded one the collator makes. GPT-2 has absolute position embeddings, where a shift
+    matters (rotary models are shift-invariant)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tensorguard_fast.entropy import fast_entropy
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    gen = torch.Generator().manual_seed(1)
+    rows = [(torch.randint(0, 300, (7,), generator=gen).tolist(), torch.randint(0, 300, (5,), generator=gen).tolist()),
+            (torch.randint(0, 300, (3,), generator=gen).tolist(), torch.randint(0, 300, (4,), generator=gen).tolist())]
+    width = max(len(p) + len(a) for p, a in rows) + 3
+
+    def batch(left):
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for b, (p, a) in enumerate(rows):
+            seq = p + a
+            start = width - len(seq) if left else 0
+            ids[b, start:start + len(seq)] = torch.tensor(seq)
+            mask[b, start:start + len(seq)] = 1
+            labels[b, start + len(p):start + len(seq)] = torch.tensor(a)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    right, left = fast_entropy(model, batch(False)), fast_entropy(model, batch(True))
+    assert torch.allclose(right, left, atol=1e-6), (right, left)
