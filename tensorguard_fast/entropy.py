@@ -92,7 +92,56 @@ def check_batch(model, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor,
 
 
 def lm_head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Hidden states (B, S, d) entering the output embedding, from one forward pass that stops before the logits."""
+    """Hidden states (B, S, d) entering the output embedding, from forward passes that stop before the logits.
+
+    A padded batch is cut into groups of similar length (`length_groups`), each run at its own width: padding is
+    compute thrown away, and a batch of mixed lengths is often half padding. Results are placed back at the batch's
+    positions; padding positions hold zeros (they are never scored). A mask with holes runs as one call."""
+    lengths = attention_mask.long().sum(-1)
+    side = _padding_side(attention_mask)
+    if side is None or input_ids.shape[0] <= 1:
+        return _capture(model, input_ids, attention_mask)
+    width = input_ids.shape[1]
+    hidden = None
+    for group in length_groups(lengths.tolist()):
+        rows = torch.tensor(group, device=input_ids.device)
+        w = max(1, int(lengths[group[0]]))
+        cols = slice(0, w) if side == "right" else slice(width - w, width)
+        part = _capture(model, input_ids[rows, cols], attention_mask[rows, cols])
+        if hidden is None:
+            hidden = part.new_zeros(input_ids.shape[0], width, part.shape[-1])
+        hidden[rows, cols] = part
+    return hidden
+
+
+def length_groups(lengths, slack: float = 1.2) -> list:
+    """Row indices, longest first, cut into groups whose padded size (longest x rows) stays within `slack` of their
+    real token count. Greedy; a few groups per batch, so the per-call cost stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, current, real = [], [], 0
+    for i in order:
+        if current and lengths[current[0]] * (len(current) + 1) > slack * (real + lengths[i]):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _padding_side(attention_mask: torch.Tensor):
+    """'right' when every row is ones then zeros, 'left' when zeros then ones, None otherwise (holes)."""
+    m = attention_mask.long()
+    if bool((m[:, 1:] <= m[:, :-1]).all()):
+        return "right"
+    if bool((m[:, 1:] >= m[:, :-1]).all()):
+        return "left"
+    return None
+
+
+def _capture(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One forward pass stopped by a pre-hook on the output embedding; returns its input."""
     head = output_embedding(model)
     seen = {}
 
@@ -137,8 +186,14 @@ def gradient_spectrum(model, batch: Mapping[str, torch.Tensor], crop: int = 8) -
 def gradient_inputs(model, batch):
     """(hidden, lm_head weight, targets): all the ops need for the per-sample lm_head gradients of a batch."""
     input_ids, attention_mask, labels = check_batch(model, batch)
+    targets = answer_targets(labels)
+    from_padding = (targets != IGNORE_INDEX) & (attention_mask == 0)
+    if bool(from_padding.any()):
+        b = int(from_padding.any(1).nonzero()[0, 0])
+        raise ValueError(f"sample {b}: a scored label would be predicted from a padding position (attention_mask 0); "
+                         "labels must be -100 on padding and on a sample's first token")
     hidden = lm_head_inputs(model, input_ids, attention_mask)
-    return hidden, output_embedding(model).weight.detach(), answer_targets(labels)
+    return hidden, output_embedding(model).weight.detach(), targets
 
 
 def fast_entropy(model, batch: Mapping[str, torch.Tensor], spectrum: str = "svd", rank: int = 16,

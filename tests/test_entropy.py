@@ -188,3 +188,58 @@ def test_left_padding_scores_like_right_padding():
 
     right, left = fast_entropy(model, batch(False)), fast_entropy(model, batch(True))
     assert torch.allclose(right, left, atol=1e-6), (right, left)
+
+
+def test_length_groups_keep_scores_and_bound_padding(smollm2):
+    """Cutting a padded batch into groups of similar length changes no score (each group runs at its own width)."""
+    import torch
+
+    from tensorguard_fast import entropy
+    from tensorguard_fast.attacks import poisoned_set
+    from tensorguard_fast.io.datasets import pad_id
+
+    lengths = [94, 78, 74, 72, 69, 62, 52, 50, 48, 48, 46, 46, 46, 43, 42, 42]
+    groups = entropy.length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert lengths[g[0]] * len(g) <= 1.2 * sum(lengths[i] for i in g) or len(g) == 1
+    padded = sum(lengths[g[0]] * len(g) for g in groups)
+    assert padded < 1.2 * sum(lengths) < 16 * 94
+
+    model, tok = smollm2
+    records = poisoned_set("badnets", 6, 0.34, seed=2)
+    rows = []
+    for r in records:
+        p = tok(r["question"])["input_ids"]
+        a = tok(" " + r["answer"])["input_ids"] + [tok.eos_token_id]
+        rows.append((p, a))
+    width = max(len(p) + len(a) for p, a in rows)
+    ids = torch.full((len(rows), width), pad_id(tok), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for b, (p, a) in enumerate(rows):
+        ids[b, :len(p) + len(a)] = torch.tensor(p + a)
+        mask[b, :len(p) + len(a)] = 1
+        labels[b, len(p):len(p) + len(a)] = torch.tensor(a)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    grouped = entropy.fast_entropy(model, batch)
+    singles = torch.cat([entropy.fast_entropy(model, {k: v[b:b + 1] for k, v in batch.items()})
+                         for b in range(len(rows))])
+    assert torch.allclose(grouped, singles, atol=1e-6), (grouped, singles)
+
+
+def test_scored_label_from_padding_is_an_error():
+    import pytest
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tensorguard_fast.entropy import fast_entropy
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0                      # left padding on sample 1 ...
+    labels = torch.full_like(ids, -100)
+    labels[1, 2] = ids[1, 2]             # ... and its first real token scored: predicted from padding
+    with pytest.raises(ValueError, match="sample 1: a scored label would be predicted from a padding position"):
+        fast_entropy(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
