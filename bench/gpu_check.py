@@ -26,7 +26,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info  # noqa: E402
+from _common import machine_info, timeit  # noqa: E402
 
 ROWS: list = []
 
@@ -41,30 +41,8 @@ def dev() -> torch.device:
     return torch.device("cpu" if DRY else "cuda")
 
 
-def sync():
-    if not DRY:
-        torch.cuda.synchronize()
-
-
 def median_time(fn, repeats=10, warmup=2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    ts = []
-    for _ in range(repeats):
-        if DRY:
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        else:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-    ts.sort()
-    return ts[len(ts) // 2]
+    return timeit(fn, repeats=repeats, warmup=warmup, device=dev())["p50"]
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -177,28 +155,22 @@ def _answer_batch(vocab: int, batch: int, seq: int, gen):
 
 
 def _gradsentry_way(model, batch, exact: bool = False):
-    """The reference method: one sample at a time, autograd w.r.t. lm_head.weight, crop, svd_lowrank(q=16).
+    """The reference method (`reference.gradsentry_gradient` + `gradsentry_lowrank_entropy`): one sample at a time,
+    autograd w.r.t. lm_head.weight, crop, svd_lowrank(q=16).
 
     exact=True takes torch.linalg.svdvals of the same crop instead (the parity target of fast_entropy). With tied
     embeddings autograd also adds the input-embedding path to that weight's gradient; fast_entropy takes the logits
     path only (documented), so parity is judged on the untied model."""
-    head = model.get_output_embeddings().weight
-    v, d = head.shape
+    from tensorguard_fast import reference
+
     out = []
     for b in range(batch["input_ids"].shape[0]):
         keep = batch["attention_mask"][b].bool()
-        ids = batch["input_ids"][b][keep][None]
-        labels = batch["labels"][b][keep][None]
-        loss = model(input_ids=ids, labels=labels).loss
-        (g,) = torch.autograd.grad(loss, head)
-        crop = g[: v // 8, : d // 8].float()
+        crop = reference.gradsentry_gradient(model, batch["input_ids"][b][keep][None], batch["labels"][b][keep][None])
         if exact:
-            s = torch.linalg.svdvals(crop.double())[:16].clamp_min(1e-12)
-            s = torch.cat([s, s.new_full((16 - s.numel(),), 1e-12)])
+            out.append(float(reference.spectral_entropy(torch.linalg.svdvals(crop.double()), 16)[0]))
         else:
-            s = torch.svd_lowrank(crop, q=16, niter=2)[1].clamp_min(1e-12)
-        p = s / s.sum()
-        out.append(float(-(p * p.log()).sum() / math.log(16)))
+            out.append(reference.gradsentry_lowrank_entropy(crop, 16))
     return out
 
 
@@ -251,9 +223,6 @@ def time_entropy(name: str, config, batch: int, seq: int):
         note=("tied embeddings: autograd adds the input-embedding path, ours is the logits path (documented)"
               if tied else "bf16 model: forward rounding differs between batched and one-at-a-time runs") +
              f"; vs svd_lowrank(q=16) way {float((ours - lowrank).abs().max()):.1e}")
-    del model
-    if not DRY:
-        torch.cuda.empty_cache()
 
 
 def _configs():
@@ -288,7 +257,6 @@ def time_fingerprint(config):
         row("fingerprint", f"{profile} on {sum(p.numel() for p in params) / 1e9:.2f} B params bf16", t * 1e3, "ms",
             note=f"reading every weight once: {t_read * 1e3:.1f} ms ({nbytes / t_read / 1e9:.0f} GB/s) -> "
                  f"{t / t_read:.2f}x")
-    del model
 
 
 def main() -> int:
@@ -322,6 +290,8 @@ def main() -> int:
         except Exception as exc:  # record and go on: one broken section must not hide the others
             traceback.print_exc()
             row(name, "error", f"{type(exc).__name__}: {exc}"[:300], ok=False)
+        if not DRY:
+            torch.cuda.empty_cache()  # a section's model is gone once it returns; hand its memory back
         print(f"-- {name}: {time.time() - t0:.1f} s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
