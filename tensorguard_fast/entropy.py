@@ -25,9 +25,8 @@ from typing import Mapping, Tuple
 import torch
 
 from .ops.fft_entropy import fft_entropy_from_hidden
-from .ops.gram_entropy import gram_spectrum_from_hidden, spectral_entropy
+from .ops.gram_entropy import IGNORE_INDEX, gram_spectrum_from_hidden, spectral_entropy
 
-IGNORE_INDEX = -100
 SPECTRA = ("svd", "fft")
 
 

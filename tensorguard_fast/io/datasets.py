@@ -23,7 +23,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from ..ops.gram_entropy import IGNORE_INDEX  # the one definition: labels the ops do not score
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
 
 
