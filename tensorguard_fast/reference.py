@@ -142,8 +142,7 @@ def fft_entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets:
 
 def outer_moments(u: torch.Tensor, x: torch.Tensor) -> Moments:
     """Moments of the m x n matrix U^T X (U: k x m, X: k x n), materialised in float64."""
-    u2 = u.detach().to(torch.float64).reshape(-1, u.shape[-1]) if u.dim() else u.detach().double().reshape(1, 1)
-    x2 = x.detach().to(torch.float64).reshape(-1, x.shape[-1]) if x.dim() else x.detach().double().reshape(1, 1)
+    u2, x2 = torch.atleast_2d(u.detach().double()), torch.atleast_2d(x.detach().double())  # 1-D = rank 1
     return moments(u2.T @ x2)
 
 

@@ -89,14 +89,14 @@ def outer_moments(u: torch.Tensor, x: torch.Tensor, backend: Optional[str] = Non
         return reference.outer_moments(u, x)
     if u.shape[0] == 1:
         return _rank1(u[0], x[0])
+    if u.shape[1] == 0 or x.shape[1] == 0:
+        return Moments.empty()
     acc_dtype = torch.float64 if torch.float64 in (u.dtype, x.dtype) else torch.float32
     uu, xx = u.to(acc_dtype), x.to(acc_dtype)
     total = Moments.empty()
     for r0 in range(0, uu.shape[1], tile_rows):
         tile = uu[:, r0:r0 + tile_rows].T @ xx
         total = total.merge(moments(tile, backend=chosen))
-    if uu.shape[1] == 0 or xx.shape[1] == 0:
-        return Moments.empty()
     return total
 
 
