@@ -239,8 +239,12 @@ def scan(model, tokenizer, data: str, out_dir: str, spectrum: str = "svd", score
     check_vocab(model, tokenizer)
     dataset = load_samples(data, tokenizer, max_len=max_len)
     config = {**_config(model_name, dataset, spectrum, crop, max_len, batch_size), "world_size": w.size}
-    _on_every_rank(w, lambda: (os.makedirs(os.path.join(out_dir, PARTS), exist_ok=True),
-                               _check_config(out_dir, config)) if w.is_main else None)
+    def prepare():  # one writer of the directory and its config; the others wait for it
+        if w.is_main:
+            os.makedirs(os.path.join(out_dir, PARTS), exist_ok=True)
+            _check_config(out_dir, config)
+
+    _on_every_rank(w, prepare)
     start = time.perf_counter()
     part = "part-0.jsonl" if w.size == 1 else f"part-{w.rank}-of-{w.size}.jsonl"
     _on_every_rank(w, lambda: scan_part(model, tokenizer, dataset, distributed.shard(range(len(dataset)), w),
