@@ -26,11 +26,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tensorguard_fast.attacks import ATTACKS, fanoutqa_pairs, poisoned_set, write_jsonl  # noqa: E402
-from tensorguard_fast.io.datasets import load_samples  # noqa: E402
-from tensorguard_fast.scan import plan_batches, score_batch  # noqa: E402
-from tensorguard_fast.scores import compute_scores  # noqa: E402
-from tensorguard_fast.threshold import choose_threshold  # noqa: E402
+from tensorguard_fast.evaluation.attacks import ATTACKS, fanoutqa_pairs, poisoned_set, write_jsonl  # noqa: E402
+from tensorguard_fast.backdoor.datasets import load_samples  # noqa: E402
+from tensorguard_fast.backdoor.scan import plan_batches, score_batch  # noqa: E402
+from tensorguard_fast.backdoor.scores import compute_scores  # noqa: E402
+from tensorguard_fast.backdoor.threshold import choose_threshold  # noqa: E402
 
 SCORES = ("gradsentry", "fft", "energy")
 RULES = ("kde", "otsu", "gmm", "mad", "topk")

@@ -29,9 +29,9 @@ N_SAMPLES = 16
 
 
 def setup():
-    from tensorguard_fast.attacks import fanoutqa_pairs
+    from tensorguard_fast.evaluation.attacks import fanoutqa_pairs
     from tensorguard_fast.io.bundled import load_bundled
-    from tensorguard_fast.io.datasets import Sample, collate, pad_id
+    from tensorguard_fast.backdoor.datasets import Sample, collate, pad_id
 
     model, tok = load_bundled("smollm2")
     pairs = random.Random(0).sample(fanoutqa_pairs(max_answer_chars=200), N_SAMPLES)
@@ -47,7 +47,7 @@ def setup():
 
 def routes(model, batch, singles):
     from tensorguard_fast import reference
-    from tensorguard_fast.entropy import fast_entropy
+    from tensorguard_fast.backdoor.entropy import fast_entropy
 
     def gradsentry():
         model.train()

@@ -35,7 +35,7 @@ def _job(name: str, model: str, device: str = "cpu") -> dict:
     import torch
 
     from tensorguard_fast import fast_fingerprint
-    from tensorguard_fast.io.loading import open_model
+    from tensorguard_fast.lineage.loading import open_model
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
@@ -75,7 +75,7 @@ def _job(name: str, model: str, device: str = "cpu") -> dict:
         if name == "tensorguard":
             result["features"] = out.as_dict()
     elif name == "tensorguard_way":
-        from tensorguard_fast.reference_tensorguard import tensorguard_reference
+        from tensorguard_fast.evaluation.tensorguard_way import tensorguard_reference
 
         result["features"] = tensorguard_reference(open_model(model), subsample=True, device=device)
     elif name == "fwd_bwd_hooks":

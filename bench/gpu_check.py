@@ -177,7 +177,7 @@ def _gradsentry_way(model, batch, exact: bool = False):
 def time_entropy(name: str, config, batch: int, seq: int):
     from transformers import AutoModelForCausalLM
 
-    from tensorguard_fast.entropy import fast_entropy
+    from tensorguard_fast.backdoor.entropy import fast_entropy
 
     torch.manual_seed(0)
     with torch.device(dev()):
@@ -189,7 +189,7 @@ def time_entropy(name: str, config, batch: int, seq: int):
     head.requires_grad_(True)  # GradSentry differentiates w.r.t. lm_head only (tied: the embedding too)
     gen = torch.Generator().manual_seed(1)
     data = {k: v.to(dev()) for k, v in _answer_batch(config.vocab_size, batch, seq, gen).items()}
-    from tensorguard_fast import entropy as entropy_mod
+    from tensorguard_fast.backdoor import entropy as entropy_mod
     from tensorguard_fast.ops import gram_entropy as ge
 
     with torch.no_grad():
@@ -244,7 +244,7 @@ def _configs():
 def time_fingerprint(config):
     from transformers import AutoModelForCausalLM
 
-    from tensorguard_fast.fingerprint import fast_fingerprint
+    from tensorguard_fast.lineage.fingerprint import fast_fingerprint
 
     with torch.device(dev()):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

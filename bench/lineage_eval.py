@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tensorguard_fast import zoo  # noqa: E402
-from tensorguard_fast.family import FamilyClassifier, distance, similarity  # noqa: E402
-from tensorguard_fast.fingerprint import Fingerprint, fast_fingerprint  # noqa: E402
+from tensorguard_fast.evaluation import zoo  # noqa: E402
+from tensorguard_fast.lineage.family import FamilyClassifier, distance, similarity  # noqa: E402
+from tensorguard_fast.lineage.fingerprint import Fingerprint, fast_fingerprint  # noqa: E402
 from tensorguard_fast.io.bundled import bundled_model_dir, cache_dir  # noqa: E402
 
 FAMILIES = {"smollm2": ("smollm2", None), "smollm2-rand1": ("smollm2", 1), "smollm2-rand2": ("smollm2", 2),
@@ -142,7 +142,7 @@ def build(families, steps: int, log=print, trained=True, gemma_steps: int = 4):
             items += [("finetune", lambda d=ft_dir: d), ("lora", lambda d=lora_dir: d)]
 
             def merged(ft_dir=ft_dir, lora_dir=lora_dir):
-                from tensorguard_fast.io.loading import open_model
+                from tensorguard_fast.lineage.loading import open_model
 
                 a = open_model(ft_dir)
                 b = open_model(lora_dir)

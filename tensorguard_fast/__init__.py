@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _EXPORTS = {
     # engine ops
-    "Moments": "tensorguard_fast.ops.stats",
+    "Moments": "tensorguard_fast.stats",
     "moments": "tensorguard_fast.ops.moments",
     "moments_many": "tensorguard_fast.ops.moments",
     "outer_moments": "tensorguard_fast.ops.moments",
@@ -20,18 +20,18 @@ _EXPORTS = {
     "BackendUnavailable": "tensorguard_fast._backend",
     "last_backend": "tensorguard_fast._backend",
     # model lineage
-    "fast_fingerprint": "tensorguard_fast.fingerprint",
-    "Fingerprint": "tensorguard_fast.fingerprint",
-    "distance": "tensorguard_fast.family",
-    "similarity": "tensorguard_fast.family",
-    "FamilyClassifier": "tensorguard_fast.family",
-    "Prediction": "tensorguard_fast.family",
-    "FingerprintStore": "tensorguard_fast.io.store",
+    "fast_fingerprint": "tensorguard_fast.lineage.fingerprint",
+    "Fingerprint": "tensorguard_fast.lineage.fingerprint",
+    "distance": "tensorguard_fast.lineage.family",
+    "similarity": "tensorguard_fast.lineage.family",
+    "FamilyClassifier": "tensorguard_fast.lineage.family",
+    "Prediction": "tensorguard_fast.lineage.family",
+    "FingerprintStore": "tensorguard_fast.lineage.store",
     # backdoor filtering
-    "fast_entropy": "tensorguard_fast.entropy",
-    "kde_valley_threshold": "tensorguard_fast.threshold",
-    "load_samples": "tensorguard_fast.io.datasets",
-    "scan": "tensorguard_fast.scan",
+    "fast_entropy": "tensorguard_fast.backdoor.entropy",
+    "kde_valley_threshold": "tensorguard_fast.backdoor.threshold",
+    "load_samples": "tensorguard_fast.backdoor.datasets",
+    "scan": "tensorguard_fast.backdoor.scan",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from . import __version__, _backend
+from . import _backend
+from ._version import __version__
 
 
 def collect() -> dict:

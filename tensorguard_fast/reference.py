@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .ops.stats import Moments
+from .stats import Moments
 
 
 def moments(x: torch.Tensor) -> Moments:
@@ -146,7 +146,7 @@ def outer_moments(u: torch.Tensor, x: torch.Tensor) -> Moments:
     return moments(u2.T @ x2)
 
 
-# --- GradSentry per-sample score, the slow way (oracle for tensorguard_fast.entropy) ---------------------------------
+# --- GradSentry per-sample score, the slow way (oracle for tensorguard_fast.backdoor.entropy) ---------------------------------
 
 def lm_head_gradient_crops(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            crop: int = 8) -> list:

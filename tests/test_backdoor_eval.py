@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorguard_fast.attacks import ATTACKS, PAYLOAD, poisoned_set
+from tensorguard_fast.evaluation.attacks import ATTACKS, PAYLOAD, poisoned_set
 
 
 def _eval_module():

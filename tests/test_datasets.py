@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tensorguard_fast.io.datasets import collate, load_samples
+from tensorguard_fast.backdoor.datasets import collate, load_samples
 
 
 class CharTokenizer:

@@ -1,4 +1,4 @@
-"""`torchrun --nproc-per-node 2 -m tensorguard_fast.scan` (gloo on CPU) ends with the same files as a one-process
+"""`torchrun --nproc-per-node 2 -m tensorguard_fast.backdoor` (gloo on CPU) ends with the same files as a one-process
 `tensorguard-fast scan`: same ids in the same order, scores within 1e-6, same flags, same clean set."""
 import json
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorguard_fast.attacks import poisoned_set
+from tensorguard_fast.evaluation.attacks import poisoned_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_two_gloo_ranks_equal_one_process(smollm2_dir, tmp_path):
     _run([sys.executable, "-m", "tensorguard_fast.cli", "scan", *common, "--out", str(single)])
     # torchrun's own default sets OMP_NUM_THREADS=1 for each rank; the kernels follow it (tensorguard_fast.distributed)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-          "-m", "tensorguard_fast.scan", *common, "--out", str(multi)])
+          "-m", "tensorguard_fast.backdoor", *common, "--out", str(multi)])
     parts = sorted(p.name for p in (multi / "parts").iterdir())
     assert parts == ["part-0-of-2.jsonl", "part-1-of-2.jsonl"], parts
     a, b = _scores(single), _scores(multi)

@@ -6,14 +6,15 @@ import random
 import pytest
 import torch
 
-from tensorguard_fast import entropy, reference
-from tensorguard_fast.io.datasets import Sample, collate, pad_id
+from tensorguard_fast import reference
+from tensorguard_fast.backdoor import entropy
+from tensorguard_fast.backdoor.datasets import Sample, collate, pad_id
 
 TOL = 1e-4
 
 
 def _fanoutqa_samples(tok, k=6, seed=0):
-    from tensorguard_fast.attacks import PAYLOAD, fanoutqa_pairs
+    from tensorguard_fast.evaluation.attacks import PAYLOAD, fanoutqa_pairs
 
     pairs = random.Random(seed).sample(fanoutqa_pairs(max_answer_chars=120), k)
     out = []
@@ -165,7 +166,7 @@ def test_left_padding_scores_like_right_padding():
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tensorguard_fast.entropy import fast_entropy
+    from tensorguard_fast.backdoor.entropy import fast_entropy
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
@@ -194,9 +195,9 @@ def test_length_groups_keep_scores_and_bound_padding(smollm2):
     """Cutting a padded batch into groups of similar length changes no score (each group runs at its own width)."""
     import torch
 
-    from tensorguard_fast import entropy
-    from tensorguard_fast.attacks import poisoned_set
-    from tensorguard_fast.io.datasets import pad_id
+    from tensorguard_fast.backdoor import entropy
+    from tensorguard_fast.evaluation.attacks import poisoned_set
+    from tensorguard_fast.backdoor.datasets import pad_id
 
     lengths = [94, 78, 74, 72, 69, 62, 52, 50, 48, 48, 46, 46, 46, 43, 42, 42]
     groups = entropy.length_groups(lengths)
@@ -233,7 +234,7 @@ def test_scored_label_from_padding_is_an_error():
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tensorguard_fast.entropy import fast_entropy
+    from tensorguard_fast.backdoor.entropy import fast_entropy
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
     ids = torch.randint(0, 50, (2, 6))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tensorguard_fast import FamilyClassifier, Fingerprint, distance, fast_fingerprint, similarity
-from tensorguard_fast import zoo
+from tensorguard_fast.evaluation import zoo
 
 
 def _fp(vec, model, profile="full"):

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from tensorguard_fast import Fingerprint, fast_fingerprint
-from tensorguard_fast.family import distance
-from tensorguard_fast.fingerprint import TENSORGUARD_KEYS
-from tensorguard_fast.fingerprint_tensorguard import select_tensors
-from tensorguard_fast.io.loading import open_model
-from tensorguard_fast.reference_tensorguard import tensorguard_reference
-from tensorguard_fast import zoo
+from tensorguard_fast.lineage.family import distance
+from tensorguard_fast.lineage.fingerprint import TENSORGUARD_KEYS
+from tensorguard_fast.lineage.profile_tensorguard import select_tensors
+from tensorguard_fast.lineage.loading import open_model
+from tensorguard_fast.evaluation.tensorguard_way import tensorguard_reference
+from tensorguard_fast.evaluation import zoo
 
 from lineage_models import tiny_llama
 
@@ -126,7 +126,7 @@ def test_smollm2_tensorguard_profile_sane(smollm2_dir):
 
 def test_batched_gradient_stats_equal_outer_moments_and_materialised_gradient():
     from tensorguard_fast import reference
-    from tensorguard_fast.fingerprint_tensorguard import gradient_stats
+    from tensorguard_fast.lineage.profile_tensorguard import gradient_stats
     from tensorguard_fast.ops.moments import outer_moments
 
     gen = torch.Generator().manual_seed(0)

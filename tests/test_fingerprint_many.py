@@ -4,8 +4,8 @@ import sys
 from pathlib import Path
 
 from lineage_models import save_tiny
-from tensorguard_fast.fingerprint_many import fingerprint_many, model_list
-from tensorguard_fast.io.store import FingerprintStore
+from tensorguard_fast.lineage.many import fingerprint_many, model_list
+from tensorguard_fast.lineage.store import FingerprintStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_cli_list_file_and_torchrun_ranks(tmp_path):
     assert "2 fingerprinted, 0 already in the store, 0 failed" in out.stdout
     # torchrun ranks share the list: every model once, the two already there skipped.
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "tensorguard_fast.fingerprint_many", "--from", str(reg), "--store", str(db),
+                          "-m", "tensorguard_fast.lineage.many", "--from", str(reg), "--store", str(db),
                           "--profile", "tensorguard"], cwd=ROOT, capture_output=True, text=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 1, out.stdout + out.stderr  # the broken file fails its rank, the rest is stored

@@ -22,8 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tensorguard_fast import _backend, reference
-from tensorguard_fast.ops.gram_entropy import (answer_error_blocks, gram_entropy, gram_entropy_from_hidden,
-                                               gram_spectrum, gram_spectrum_from_hidden, spectral_entropy)
+from tensorguard_fast.ops.gram_entropy import (gram_entropy, gram_entropy_from_hidden, gram_spectrum,
+                                               gram_spectrum_from_hidden, spectral_entropy)
+from tensorguard_fast.ops.lm_head_errors import answer_error_blocks
 
 from conftest import requires_triton, triton_device
 

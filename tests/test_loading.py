@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from tensorguard_fast import fast_fingerprint
-from tensorguard_fast.family import distance
-from tensorguard_fast.io.loading import ModelLoadError, open_model
+from tensorguard_fast.lineage.family import distance
+from tensorguard_fast.lineage.loading import ModelLoadError, open_model
 
 from lineage_models import save_tiny, tiny_llama
 

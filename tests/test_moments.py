@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import tensorguard_fast as tgf
 from tensorguard_fast import _backend, reference
 from tensorguard_fast.ops.moments import moments, moments_many, outer_moments
-from tensorguard_fast.ops.stats import Moments
+from tensorguard_fast.stats import Moments
 
 from conftest import requires_triton, triton_device
 

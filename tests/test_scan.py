@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tensorguard_fast.attacks import poisoned_set
-from tensorguard_fast.io.datasets import load_samples
-from tensorguard_fast.scan import PARTS, finish, read_part, scan, scan_part
+from tensorguard_fast.evaluation.attacks import poisoned_set
+from tensorguard_fast.backdoor.datasets import load_samples
+from tensorguard_fast.backdoor.scan import PARTS, finish, read_part, scan, scan_part
 
 ROOT = Path(__file__).resolve().parents[1]
 

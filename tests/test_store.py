@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tensorguard_fast import FingerprintStore, fast_fingerprint
-from tensorguard_fast.io.store import identity
+from tensorguard_fast.lineage.store import identity
 
 from lineage_models import save_tiny
 

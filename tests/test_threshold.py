@@ -3,7 +3,7 @@ and the robust alternatives."""
 import numpy as np
 import pytest
 
-from tensorguard_fast.threshold import (choose_threshold, gmm_threshold, kde_valley_threshold, mad_threshold,
+from tensorguard_fast.backdoor.threshold import (choose_threshold, gmm_threshold, kde_valley_threshold, mad_threshold,
                                         otsu_threshold, parse_threshold, topk_threshold)
 
 

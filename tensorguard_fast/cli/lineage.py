@@ -26,7 +26,7 @@ def _progress(items, desc: str):
 
 def load_any(spec: str, profile: Optional[str], args):
     """A Fingerprint from a fingerprint JSON file, else by fingerprinting the model at `spec`."""
-    from ..fingerprint import Fingerprint, fast_fingerprint
+    from ..lineage.fingerprint import Fingerprint, fast_fingerprint
 
     path = Path(spec)
     if path.is_file() and path.suffix == ".json" and not path.name.endswith("index.json") \
@@ -76,7 +76,7 @@ def cmd_fingerprint(args) -> int:
 
 def _fingerprint_into_store(args) -> int:
     """Many models into a FingerprintStore with N workers; skips what the store has, records failures."""
-    from ..fingerprint_many import fingerprint_many, model_list, summarize
+    from ..lineage.many import fingerprint_many, model_list, summarize
 
     if not args.store:
         raise ValueError("--from needs --store DB (where the fingerprints and failures go)")
@@ -90,7 +90,7 @@ def _fingerprint_into_store(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from ..family import distance, similarity
+    from ..lineage.family import distance, similarity
 
     a, b = load_any(args.a, args.profile, args), load_any(args.b, args.profile, args)
     d, s = distance(a, b), similarity(a, b)
@@ -118,7 +118,7 @@ def _bases(specs: List[str], args):
 
 
 def cmd_classify(args) -> int:
-    from ..family import FamilyClassifier
+    from ..lineage.family import FamilyClassifier
 
     bases = _bases(args.base, args)
     fps = _load_many(args.models, args)
@@ -138,7 +138,7 @@ def cmd_classify(args) -> int:
 
 
 def cmd_store(args) -> int:
-    from ..io.store import FingerprintStore
+    from ..lineage.store import FingerprintStore
 
     with FingerprintStore(args.db) as store:
         if args.store_command == "add":
@@ -170,7 +170,7 @@ def cmd_plot(args) -> int:
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
-    from ..family import FamilyClassifier, _features, check_comparable
+    from ..lineage.family import FamilyClassifier, _features, check_comparable
 
     bases = _bases(args.base, args) if args.base else {}
     fps = _load_many(args.models, args)

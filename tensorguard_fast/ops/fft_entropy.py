@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _backend, reference
-from .gram_entropy import answer_error_blocks, check_blocks, raise_if_nonfinite
+from .lm_head_errors import answer_error_blocks, check_blocks, check_forward, raise_if_nonfinite
 
 _TILE_ELEMENTS = 1 << 20  # complex values per tile across the batch on CUDA (~8 MiB in complex64)
 _SIGNAL_ROW = 4096  # a signal's spectrum is reduced as rows of this many bins
@@ -257,14 +257,13 @@ def fft_entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets:
                             vocab_chunk: int = 8192, tile_rows: Optional[int] = None,
                             backend: Optional[str] = None) -> torch.Tensor:
     """`fft_entropy` of the cropped lm_head gradient G_b = E_b^T H_b / n_b of each sample (inputs as in
-    `gram_entropy.answer_error_blocks`, the shared chunked-logsumexp/crop helper): (B,) float64; NaN for samples
+    `lm_head_errors.answer_error_blocks`, the shared chunked-logsumexp/crop helper): (B,) float64; NaN for samples
     with no scored token."""
     chosen = _backend.choose("fft_entropy", hidden.device if isinstance(hidden, torch.Tensor) else
                              torch.device("cpu"), backend)
     if chosen == "reference":
-        from .gram_entropy import _check_forward
 
-        hidden, weight, targets = _check_forward(hidden, weight, targets, crop, vocab_chunk, "fft_entropy")
+        hidden, weight, targets = check_forward(hidden, weight, targets, crop, vocab_chunk, "fft_entropy")
         return reference.fft_entropy_from_hidden(hidden, weight, targets, crop, onesided, remove_mean, normalize)
     e, h, n = answer_error_blocks(hidden, weight, targets, crop, vocab_chunk, chosen, "fft_entropy")
     e = e / n.clamp_min(1).to(e.dtype).view(-1, 1, 1)  # the 1/n of the mean loss: exact raw sums for G itself

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend, reference
-from .stats import Moments, from_power_sums
+from ..stats import Moments, from_power_sums
 
 SUPPORTED = tuple(_backend.DTYPE_CODES)
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import Moments
+from ..stats import Moments
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a Triton global must be a constexpr
 

@@ -34,8 +34,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from .io.loading import ModelLoadError, WeightSource
-from .ops.stats import from_power_sums
+from .loading import ModelLoadError, WeightSource
+from ..stats import from_power_sums
 
 NOISE_TYPES = ["adversarial", "structured", "gaussian", "low_frequency", "high_frequency"]
 NUM_SAMPLES = 15

@@ -1,7 +1,7 @@
 """Fingerprint a registry of models into a FingerprintStore: one model = one unit of work, N workers.
 
     tensorguard-fast fingerprint --from models.txt --store lineage.db --workers 4
-    torchrun --nproc-per-node 4 -m tensorguard_fast.fingerprint_many --from DIR --store lineage.db
+    torchrun --nproc-per-node 4 -m tensorguard_fast.lineage.many --from DIR --store lineage.db
 
 Workers are processes (spawned; each with its share of the CPU threads) or torchrun ranks (each takes every
 size-th model). A model whose checkpoint (same file hashes) and profile are already in the store is skipped without
@@ -56,8 +56,8 @@ def run_job(job: Job) -> dict:
     import torch
 
     from .fingerprint import fast_fingerprint
-    from .io.loading import open_model
-    from .io.store import FingerprintStore, checkpoint_key
+    from .loading import open_model
+    from .store import FingerprintStore, checkpoint_key
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -80,7 +80,7 @@ def run_job(job: Job) -> dict:
 def fingerprint_many(models: List[str], store: str, profile: str = "full", workers: int = 1, seed: int = 0,
                      device: Optional[str] = None, allow_pickle: bool = False, progress: bool = True) -> List[dict]:
     """Fingerprint every model of `models` into `store` with `workers` processes; results in input order."""
-    from .io.store import FingerprintStore
+    from .store import FingerprintStore
 
     FingerprintStore(store).close()  # create the schema once, before workers race to
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
@@ -120,9 +120,9 @@ def summarize(results: List[dict]) -> str:
 
 def main(argv=None) -> int:
     """torchrun entry: each rank fingerprints every size-th model of the list into the shared store."""
-    from . import distributed
+    from .. import distributed
 
-    ap = argparse.ArgumentParser(prog="python -m tensorguard_fast.fingerprint_many", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tensorguard_fast.lineage.many", description=__doc__.splitlines()[0])
     ap.add_argument("--from", dest="source", required=True, help="list file or directory of models")
     ap.add_argument("--store", required=True, help="SQLite fingerprint store")
     ap.add_argument("--profile", choices=("full", "tensorguard"), default="full")

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from .fingerprint_tensorguard import (FGSM_EPS, NOISE_TYPES, NUM_SAMPLES, _band, features_from_layers,
+from ..lineage.profile_tensorguard import (FGSM_EPS, NOISE_TYPES, NUM_SAMPLES, _band, features_from_layers,
                                       loaded_by_tensorguard, select_tensors)
-from .io.loading import WeightSource
+from ..lineage.loading import WeightSource
 
 
 def _perturb(x: torch.Tensor, kind: str, gen: torch.Generator, params: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from . import __version__
-from .io.loading import open_model
+from .._version import __version__
+from .loading import open_model
 
 PROFILES = ("full", "tensorguard")
 
@@ -122,9 +122,9 @@ def fast_fingerprint(model_or_path, profile: str = "full", seed: int = 0, device
     source = open_model(model_or_path, allow_pickle=allow_pickle, base=base)
     t0 = time.perf_counter()
     if profile == "tensorguard":
-        from .fingerprint_tensorguard import tensorguard_features as compute
+        from .profile_tensorguard import tensorguard_features as compute
     else:
-        from .fingerprint_full import full_features as compute
+        from .profile_full import full_features as compute
     names, values, extra = compute(source, seed=seed, device=torch.device(device))
     meta = {"model": name or source.name, "path": source.path, "file_hashes": source.file_hashes(),
             "profile": profile, "seed": seed, "version": __version__}

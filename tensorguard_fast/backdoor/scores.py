@@ -16,7 +16,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .ops.gram_entropy import spectral_entropy
+from ..ops.gram_entropy import spectral_entropy
 
 SCORES = ("gradsentry", "energy", "fft")
 DEFAULT_SCORE = "gradsentry"

@@ -1,4 +1,4 @@
-"""The main job on the bundled real model, offline: `python -m tensorguard_fast.demo [--out DIR] [-n N]`.
+"""The main job on the bundled real model, offline: `python -m tensorguard_fast.evaluation.demo [--out DIR] [-n N]`.
 
 1. Backdoor filter: a fine-tuning set of real fanoutqa (question, answer) pairs, 10% poisoned with a BadNets-style
    trigger and a link payload, scanned with SmolLM2-135M-Instruct: scores, threshold, clean set (`scan`).
@@ -16,8 +16,8 @@ from pathlib import Path
 
 def backdoor(out: Path, n: int) -> None:
     from .attacks import poisoned_set, write_jsonl
-    from .io.bundled import load_bundled
-    from .scan import scan
+    from ..io.bundled import load_bundled
+    from ..backdoor.scan import scan
 
     records = poisoned_set("badnets", n, 0.1, seed=0)
     data = write_jsonl(records, str(out / "train.jsonl"))
@@ -38,9 +38,9 @@ def lineage() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .family import distance
-    from .fingerprint import fast_fingerprint
-    from .io.bundled import bundled_model_dir
+    from ..lineage.family import distance
+    from ..lineage.fingerprint import fast_fingerprint
+    from ..io.bundled import bundled_model_dir
 
     path = bundled_model_dir("smollm2")
     base = fast_fingerprint(path)
@@ -59,9 +59,9 @@ def lineage() -> None:
 def engine() -> None:
     from safetensors import safe_open
 
-    from . import _backend, reference
-    from .io.bundled import bundled_model_dir
-    from .ops.moments import moments_many
+    from .. import _backend, reference
+    from ..io.bundled import bundled_model_dir
+    from ..ops.moments import moments_many
 
     with safe_open(str(bundled_model_dir("smollm2") / "model.safetensors"), "pt") as f:
         tensors = [f.get_tensor(k) for k in f.keys()]
@@ -75,7 +75,7 @@ def engine() -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tensorguard_fast.demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tensorguard_fast.evaluation.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tensorguard-demo", help="where the dataset and the scan results go")
     ap.add_argument("-n", type=int, default=200, help="fine-tuning samples to scan")
     args = ap.parse_args(argv)

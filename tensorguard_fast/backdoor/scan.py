@@ -15,7 +15,7 @@ append and fsync. A scan killed at any moment leaves at most a torn last line, w
 redoes that batch, so the final files are the same as an uninterrupted run (same batches, same arithmetic).
 
 Sharding: `scan_part` scores any subset of sample indices into its own part file; `finish` merges every part file
-of the directory. Under torchrun (`python -m tensorguard_fast.scan` / `main`) rank r scores the indices r::size into
+of the directory. Under torchrun (`python -m tensorguard_fast.backdoor`) rank r scores the indices r::size into
 part-r-of-size.jsonl and rank 0 calls `finish` once every rank is done; a restart resumes each rank's part.
 """
 from __future__ import annotations
@@ -28,8 +28,9 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import distributed, entropy
-from .io.datasets import Dataset, collate, load_samples, pad_id
+from .. import distributed
+from . import entropy
+from .datasets import Dataset, collate, load_samples, pad_id
 from .scores import DEFAULT_SCORE, compute_scores
 from .threshold import choose_threshold, parse_threshold
 
@@ -274,14 +275,6 @@ def _on_every_rank(w: "distributed.World", step):
     return result
 
 
-def main(argv=None) -> int:
-    """`torchrun --nproc-per-node N -m tensorguard_fast.scan ARGS`: `tensorguard-fast scan`'s arguments, the
-    dataset sharded by rank (gloo on CPU, nccl on GPU). `python -m tensorguard_fast.scan ARGS` is one rank."""
-    from .cli.backdoor import run, scan_parser
-
-    return run(scan_parser().parse_args(argv))
-
-
 def check_vocab(model, tokenizer) -> None:
     """A tokenizer with more ids than the model has output rows belongs to another model."""
     vocab = entropy.output_embedding(model).weight.shape[0]
@@ -289,6 +282,3 @@ def check_vocab(model, tokenizer) -> None:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's output layer has {vocab} rows: "
                          "they do not belong together")
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

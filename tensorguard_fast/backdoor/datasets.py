@@ -23,7 +23,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
-from ..ops.gram_entropy import IGNORE_INDEX  # the one definition: labels the ops do not score
+from ..ops.lm_head_errors import IGNORE_INDEX  # the one definition: labels the ops do not score
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
 
 

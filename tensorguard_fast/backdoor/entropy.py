@@ -24,8 +24,9 @@ from typing import Mapping, Tuple
 
 import torch
 
-from .ops.fft_entropy import fft_entropy_from_hidden
-from .ops.gram_entropy import IGNORE_INDEX, gram_spectrum_from_hidden, spectral_entropy
+from ..ops.fft_entropy import fft_entropy_from_hidden
+from ..ops.gram_entropy import gram_spectrum_from_hidden, spectral_entropy
+from ..ops.lm_head_errors import IGNORE_INDEX
 
 SPECTRA = ("svd", "fft")
 
@@ -69,7 +70,7 @@ def check_batch(model, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor,
     """(input_ids, attention_mask, labels) after the checks that turn silent garbage into clear errors."""
     for key in ("input_ids", "labels"):
         if key not in batch:
-            raise ValueError(f"batch has no {key!r}; make it with tensorguard_fast.io.datasets.collate")
+            raise ValueError(f"batch has no {key!r}; make it with tensorguard_fast.backdoor.datasets.collate")
     input_ids, labels = batch["input_ids"], batch["labels"]
     attention_mask = batch.get("attention_mask")
     if attention_mask is None:
@@ -204,7 +205,7 @@ def fast_entropy(model, batch: Mapping[str, torch.Tensor], spectrum: str = "svd"
     spectrum="fft": normalised entropy of the one-sided power spectrum of the row-major flattened crop (the
     `fft_entropy` op's defaults).
     `batch` holds input_ids, attention_mask and labels (-100 on prompt and padding) on the model's device, as
-    `tensorguard_fast.io.datasets.collate` makes them. NaN for a sample without answer tokens.
+    `tensorguard_fast.backdoor.datasets.collate` makes them. NaN for a sample without answer tokens.
     """
     if spectrum not in SPECTRA:
         raise ValueError(f"spectrum={spectrum!r}: choose one of {SPECTRA}")

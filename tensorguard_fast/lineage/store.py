@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..fingerprint import Fingerprint
+from .fingerprint import Fingerprint
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fingerprints (
@@ -108,7 +108,7 @@ class FingerprintStore:
 
     def search(self, fp: Fingerprint, k: int = 5) -> List[Tuple[float, dict]]:
         """The k stored fingerprints of the same profile nearest to `fp` (exact; `family.distance`)."""
-        from ..family import distance
+        from .family import distance
 
         rows = self.db.execute("SELECT id, model, family, fingerprint FROM fingerprints WHERE profile = ?",
                                (fp.profile,)).fetchall()

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .io.loading import ModelLoadError, WeightSource
+from .loading import ModelLoadError, WeightSource
 
 ROLES = ["embed", "attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "lm_head"]
 DEPTH_BINS = 4

@@ -1,0 +1,1 @@
+"""Backdoor sample filtering: per-sample lm_head gradient spectra and sketches -> scores -> decision -> scan."""

@@ -1,0 +1,1 @@
+"""Evaluation fixtures (attacks, model zoo, TensorGuard's own way, the demo). The library never imports this."""

@@ -1,0 +1,1 @@
+"""Model lineage: weights -> fingerprint profiles -> distance, families, store."""
