@@ -12,7 +12,9 @@ import pytest
 
 from tensorguard_fast.evaluation.attacks import poisoned_set
 from tensorguard_fast.backdoor.datasets import load_samples
-from tensorguard_fast.backdoor.scan import PARTS, finish, read_part, scan, scan_part
+from tensorguard_fast.backdoor.outputs import finish
+from tensorguard_fast.backdoor.parts import PARTS, read_part
+from tensorguard_fast.backdoor.scan import scan, scan_part
 
 ROOT = Path(__file__).resolve().parents[1]
 

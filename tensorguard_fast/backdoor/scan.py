@@ -23,57 +23,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Iterable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .. import distributed
 from . import entropy
 from .datasets import Dataset, collate, load_samples, pad_id
-from .scores import DEFAULT_SCORE, compute_scores
-from .threshold import choose_threshold, parse_threshold
+from .outputs import finish
+from .parts import PARTS, read_part
+from .scan_config import check_config, scan_config
+from .scores import DEFAULT_SCORE
 
-PARTS = "parts"
-
-
-def _config(model_name: str, dataset: Dataset, spectrum: str, crop: int, max_len: int, batch_size: int) -> dict:
-    return {"model": model_name, "data": os.path.abspath(dataset.path), "n_samples": len(dataset),
-            "spectrum": spectrum, "crop": crop, "max_len": max_len, "batch_size": batch_size}
-
-
-def _check_config(out_dir: str, config: dict) -> None:
-    path = os.path.join(out_dir, "scan_config.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            old = json.load(fh)
-        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-        if diff:
-            raise ValueError(f"{out_dir} holds a scan with other settings {diff} (old, new); use another --out or "
-                             "delete it")
-        return
-    _write_json(path, config)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def read_part(path: str) -> List[dict]:
-    """Complete lines of a part file; a torn last line (a kill mid-write) is cut off the file."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as fh:
-        data = fh.read()
-    keep = data[:data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
-        with open(path, "r+b") as fh:
-            fh.truncate(len(keep))
-    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
 
 
 def plan_batches(dataset: Dataset, indices: Sequence[int], batch_size: int) -> List[List[int]]:
@@ -134,96 +95,6 @@ def scan_part(model, tokenizer, dataset: Dataset, indices: Sequence[int], part_p
     return scored
 
 
-def merge_parts(out_dir: str, dataset: Dataset) -> List[Optional[dict]]:
-    """Raw rows of every part file, by sample index; a duplicate or a missing scorable sample is an error."""
-    rows: List[Optional[dict]] = [None] * len(dataset)
-    part_dir = os.path.join(out_dir, PARTS)
-    for name in sorted(os.listdir(part_dir)) if os.path.isdir(part_dir) else []:
-        if not name.endswith(".jsonl"):
-            continue
-        for row in read_part(os.path.join(part_dir, name)):
-            i = row["index"]
-            if rows[i] is not None:
-                raise RuntimeError(f"sample {i} appears twice in {part_dir}")
-            rows[i] = row
-    missing = [s.index for s in dataset.samples if not s.problem and rows[s.index] is None]
-    if missing:
-        raise RuntimeError(f"{len(missing)} samples have no result yet (first: {missing[:5]}); rerun the scan")
-    return rows
-
-
-def finish(out_dir: str, dataset: Dataset, spectrum: str = "svd", score: str = DEFAULT_SCORE,
-           threshold: str = "kde", seconds: Optional[float] = None, extra: Optional[dict] = None) -> dict:
-    """Merge the parts, choose the threshold, write scores.jsonl, flagged.jsonl, clean.<ext>, summary.json and
-    histogram.png (each written whole and renamed into place). Returns the summary."""
-    rows = merge_parts(out_dir, dataset)
-    # Rounded to 10 decimals, far below the float32 noise of the forward pass, so that reruns in other processes
-    # (thread scheduling changes the last float64 bits) write byte-identical files.
-    values = np.round(compute_scores(rows, score=score, spectrum=spectrum), 10)
-    rule, ratio = parse_threshold(threshold)
-    th = choose_threshold(values[np.isfinite(values)], rule, ratio)
-    flagged_idx, clean_idx, lines = [], [], []
-    for s in dataset.samples:
-        value = values[s.index]
-        n = rows[s.index]["n_answer_tokens"] if rows[s.index] else 0
-        if s.problem:
-            flag, reason = True, s.problem
-        elif not np.isfinite(value):
-            flag, reason = True, "no finite score (no answer token scored)"
-        elif value > th.value:
-            flag, reason = True, f"score {value:.4f} > threshold {th.value:.4f}"
-        else:
-            flag, reason = False, f"score {value:.4f} <= threshold {th.value:.4f}"
-        if s.truncation and not s.problem:
-            reason += f"; truncated: {s.truncation}"
-        (flagged_idx if flag else clean_idx).append(s.index)
-        lines.append(json.dumps({"id": s.id, "score": float(value) if np.isfinite(value) else None,
-                                 "n_answer_tokens": n, "flagged": flag, "reason": reason}, ensure_ascii=False))
-    _write_lines(os.path.join(out_dir, "scores.jsonl"), lines)
-    flagged_set = Dataset(dataset.path, "jsonl", dataset.samples, dataset.columns)
-    flagged_set.write(os.path.join(out_dir, "flagged.jsonl"), flagged_idx)
-    ext = {"jsonl": ".jsonl", "json": ".json", "csv": ".csv"}[dataset.format]
-    dataset.write(os.path.join(out_dir, f"clean{ext}"), clean_idx)
-    scored = int(np.isfinite(values).sum())
-    summary = {"threshold": th.as_dict(), "score": score, "spectrum": spectrum,
-               "counts": {"samples": len(dataset), "scored": scored, "flagged": len(flagged_idx),
-                          "clean": len(clean_idx), "unscorable": len(dataset) - scored,
-                          "truncated": sum(1 for s in dataset.samples if s.truncation)},
-               "timings": {"seconds": seconds, "samples_per_s": (scored / seconds) if seconds else None},
-               **(extra or {})}
-    _write_json(os.path.join(out_dir, "summary.json"), summary)
-    histogram(values[np.isfinite(values)], th, os.path.join(out_dir, "histogram.png"), score)
-    return summary
-
-
-def _write_lines(path: str, lines: Iterable[str]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for line in lines:
-            fh.write(line + "\n")
-    os.replace(tmp, path)
-
-
-def histogram(values: np.ndarray, th, path: str, score: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(values, bins=min(60, max(10, len(values) // 5)), color="#4878a8")
-    if np.isfinite(th.value):
-        ax.axvline(th.value, color="#c03030", linestyle="--", label=f"threshold {th.value:.3f} ({th.rule})")
-        ax.legend()
-    ax.set_xlabel(f"score ({score})")
-    ax.set_ylabel("samples")
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def scan(model, tokenizer, data: str, out_dir: str, spectrum: str = "svd", score: str = DEFAULT_SCORE,
          batch_size: int = 16, threshold: str = "kde", max_len: int = 512, crop: int = 8, model_name: str = "model",
          progress: bool = True, world: Optional[distributed.World] = None) -> dict:
@@ -239,11 +110,11 @@ def scan(model, tokenizer, data: str, out_dir: str, spectrum: str = "svd", score
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     check_vocab(model, tokenizer)
     dataset = load_samples(data, tokenizer, max_len=max_len)
-    config = {**_config(model_name, dataset, spectrum, crop, max_len, batch_size), "world_size": w.size}
+    config = {**scan_config(model_name, dataset, spectrum, crop, max_len, batch_size), "world_size": w.size}
     def prepare():  # one writer of the directory and its config; the others wait for it
         if w.is_main:
             os.makedirs(os.path.join(out_dir, PARTS), exist_ok=True)
-            _check_config(out_dir, config)
+            check_config(out_dir, config)
 
     _on_every_rank(w, prepare)
     start = time.perf_counter()

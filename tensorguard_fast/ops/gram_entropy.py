@@ -20,7 +20,7 @@ Dispatch follows `_backend.choose` (explicit backend that cannot run -> BackendU
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 

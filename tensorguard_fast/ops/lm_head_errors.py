@@ -9,7 +9,7 @@ Also here: the input checks the block ops share, and IGNORE_INDEX, the label of 
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
