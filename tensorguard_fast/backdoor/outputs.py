@@ -11,8 +11,8 @@ import numpy as np
 from ..io.files import write_json, write_lines
 from .datasets import Dataset
 from .parts import merge_parts
-from .scores import DEFAULT_SCORE, compute_scores
-from .threshold import choose_threshold, parse_threshold
+from .decision import threshold_decision
+from .scores import DEFAULT_SCORE
 
 
 def finish(out_dir: str, dataset: Dataset, spectrum: str = "svd", score: str = DEFAULT_SCORE,
@@ -20,11 +20,8 @@ def finish(out_dir: str, dataset: Dataset, spectrum: str = "svd", score: str = D
     """Merge the parts, choose the threshold, write scores.jsonl, flagged.jsonl, clean.<ext>, summary.json and
     histogram.png (each written whole and renamed into place). Returns the summary."""
     rows = merge_parts(out_dir, dataset)
-    # Rounded to 10 decimals, far below the float32 noise of the forward pass, so that reruns in other processes
-    # (thread scheduling changes the last float64 bits) write byte-identical files.
-    values = np.round(compute_scores(rows, score=score, spectrum=spectrum), 10)
-    rule, ratio = parse_threshold(threshold)
-    th = choose_threshold(values[np.isfinite(values)], rule, ratio)
+    decision = threshold_decision(rows, dataset, score, spectrum, threshold)
+    values = decision.values
     flagged_idx, clean_idx, lines = [], [], []
     for s in dataset.samples:
         value = values[s.index]
@@ -33,10 +30,8 @@ def finish(out_dir: str, dataset: Dataset, spectrum: str = "svd", score: str = D
             flag, reason = True, s.problem
         elif not np.isfinite(value):
             flag, reason = True, "no finite score (no answer token scored)"
-        elif value > th.value:
-            flag, reason = True, f"score {value:.4f} > threshold {th.value:.4f}"
         else:
-            flag, reason = False, f"score {value:.4f} <= threshold {th.value:.4f}"
+            flag, reason = bool(decision.flagged[s.index]), decision.reasons[s.index]
         if s.truncation and not s.problem:
             reason += f"; truncated: {s.truncation}"
         (flagged_idx if flag else clean_idx).append(s.index)
@@ -48,18 +43,19 @@ def finish(out_dir: str, dataset: Dataset, spectrum: str = "svd", score: str = D
     ext = {"jsonl": ".jsonl", "json": ".json", "csv": ".csv"}[dataset.format]
     dataset.write(os.path.join(out_dir, f"clean{ext}"), clean_idx)
     scored = int(np.isfinite(values).sum())
-    summary = {"threshold": th.as_dict(), "score": score, "spectrum": spectrum,
+    summary = {"threshold": decision.summary["threshold"], "decision": decision.summary, "status": decision.status,
+               "score": score, "spectrum": spectrum,
                "counts": {"samples": len(dataset), "scored": scored, "flagged": len(flagged_idx),
                           "clean": len(clean_idx), "unscorable": len(dataset) - scored,
                           "truncated": sum(1 for s in dataset.samples if s.truncation)},
                "timings": {"seconds": seconds, "samples_per_s": (scored / seconds) if seconds else None},
                **(extra or {})}
     write_json(os.path.join(out_dir, "summary.json"), summary)
-    histogram(values[np.isfinite(values)], th, os.path.join(out_dir, "histogram.png"), score)
+    histogram(values[np.isfinite(values)], decision, os.path.join(out_dir, "histogram.png"))
     return summary
 
 
-def histogram(values: np.ndarray, th, path: str, score: str) -> None:
+def histogram(values: np.ndarray, decision, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,10 +63,11 @@ def histogram(values: np.ndarray, th, path: str, score: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(values, bins=min(60, max(10, len(values) // 5)), color="#4878a8")
-    if np.isfinite(th.value):
-        ax.axvline(th.value, color="#c03030", linestyle="--", label=f"threshold {th.value:.3f} ({th.rule})")
+    th = decision.threshold
+    if th is not None and np.isfinite(th):
+        ax.axvline(th, color="#c03030", linestyle="--", label=f"threshold {th:.3f} ({decision.summary['rule']})")
         ax.legend()
-    ax.set_xlabel(f"score ({score})")
+    ax.set_xlabel(f"score ({decision.value_name})")
     ax.set_ylabel("samples")
     fig.tight_layout()
     tmp = f"{path}.tmp.png"

@@ -1,0 +1,57 @@
+"""The dataset-level decision: which scored samples are flagged, and why.
+
+A decision rule turns the raw per-sample results of a scan (parts.py rows) into a `Decision`: one primary value per
+sample (what the histogram shows), the flags, a reason per sample, named per-sample components (every number the rule
+looked at, written to scores.jsonl), and a summary of what the rule found (written to summary.json). The outputs
+layer (outputs.py) only renders a Decision; it never decides.
+
+`status` says how the rule ended, in the user's words:
+- "flagged": the rule found structure and flagged the samples it names;
+- "no_poison_found": the rule looked and found nothing (its evidence is in `summary`);
+- "undecided": the rule could not find the structure it needs (e.g. no KDE valley); nothing is flagged on its
+  account, and the scan says so loudly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+from .datasets import Dataset
+from .scores import compute_scores
+from .threshold import choose_threshold, parse_threshold
+
+STATUSES = ("flagged", "no_poison_found", "undecided")
+
+
+@dataclass
+class Decision:
+    values: np.ndarray                 # (N,) float64 primary score per sample, NaN where not scored
+    value_name: str                    # what `values` is ("gradsentry", ...)
+    flagged: np.ndarray                # (N,) bool, scored samples only (unscorable rows are flagged by outputs)
+    reasons: List[Optional[str]]       # (N,) why each scored sample is flagged or kept
+    status: str                        # one of STATUSES
+    summary: dict                      # the rule, its threshold(s), groups, evidence; JSON-ready
+    components: List[dict] = field(default_factory=list)  # (N,) named numbers per sample, JSON-ready
+    threshold: Optional[float] = None  # a cut on `values`, when the rule has one (drawn on the histogram)
+    plot_axes: Optional[tuple] = None  # two component names for the 2-D plot, when the rule has them
+
+
+def threshold_decision(rows: List[Optional[dict]], dataset: Dataset, score: str, spectrum: str,
+                       threshold: str) -> Decision:
+    """GradSentry's way: one score per sample, flagged above a threshold chosen by a 1-D rule."""
+    # Rounded to 10 decimals, far below the float32 noise of the forward pass, so that reruns in other processes
+    # (thread scheduling changes the last float64 bits) write byte-identical files.
+    values = np.round(compute_scores(rows, score=score, spectrum=spectrum), 10)
+    rule, ratio = parse_threshold(threshold)
+    th = choose_threshold(values[np.isfinite(values)], rule, ratio)
+    finite = np.isfinite(values)
+    flagged = finite & (values > th.value)
+    reasons = [None if not ok else (f"score {v:.4f} > threshold {th.value:.4f}" if f else
+                                    f"score {v:.4f} <= threshold {th.value:.4f}")
+               for v, ok, f in zip(values, finite, flagged)]
+    status = "undecided" if th.reason.startswith("fallback") else ("flagged" if flagged.any() else "no_poison_found")
+    components = [{score: float(v)} if np.isfinite(v) else {} for v in values]
+    return Decision(values, score, flagged, reasons, status, {"rule": rule, "threshold": th.as_dict()},
+                    components, th.value)
