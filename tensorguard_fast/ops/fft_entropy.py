@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _backend, reference
+from . import _cpp
 from .lm_head_errors import answer_error_blocks, check_blocks, check_forward, raise_if_nonfinite
 
 _TILE_ELEMENTS = 1 << 20  # complex values per tile across the batch on CUDA (~8 MiB in complex64)
@@ -78,24 +79,15 @@ def _accumulate(spec: torch.Tensor, limit: Optional[torch.Tensor], skip_first: b
     out = torch.zeros(bsz, 3, dtype=torch.float64)
     if rows == 0 or cols == 0:
         return out[:, 0], out[:, 1], out[:, 2]
-    ext = _backend.cpp()
-    is_double = spec.dtype == torch.complex128
     lim = (limit if limit is not None else torch.full((rows,), cols - 1, dtype=torch.int64)).contiguous()
-    itemsize = spec.element_size()  # bytes of one complex value
-    threads = _backend.num_threads()
     for b in range(bsz):
-        base = spec[b].data_ptr()
         first = 0
         if skip_first:
-            # row 0 from column 1: same pointer arithmetic, one complex value further, limit one less
-            lim0 = lim[:1] - 1
-            sums = ext.fft_power_entropy(base + itemsize, is_double, 1, cols - 1, cols, lim0.data_ptr(), threads)
-            out[b] += torch.tensor(sums, dtype=torch.float64)
+            # row 0 from column 1 (a view: rows stay contiguous), its limit one less
+            out[b] += torch.tensor(_cpp.fft_power_entropy(spec[b, :1, 1:], lim[:1] - 1), dtype=torch.float64)
             first = 1
         if rows > first:
-            sums = ext.fft_power_entropy(base + first * cols * itemsize, is_double, rows - first, cols, cols,
-                                         lim[first:].data_ptr(), threads)
-            out[b] += torch.tensor(sums, dtype=torch.float64)
+            out[b] += torch.tensor(_cpp.fft_power_entropy(spec[b, first:], lim[first:]), dtype=torch.float64)
     return out[:, 0], out[:, 1], out[:, 2]
 
 
@@ -165,10 +157,7 @@ def _twiddled_tile(zri: torch.Tensor, a: int, n: int, ctype, base: Optional[torc
     """(B, R, 2, N2) real GEMM output (re row, im row per k1) -> complex (B, R, N2) times w_N^((a + j) c)."""
     bsz, r, _, n2 = zri.shape
     if chosen == "cpp":
-        out = torch.empty(bsz, r, n2, dtype=ctype)
-        _backend.cpp().twiddle_interleave(zri.data_ptr(), ctype == torch.complex128, bsz, r, n2, a, n,
-                                          out.data_ptr(), _backend.num_threads())
-        return out
+        return _cpp.twiddle_interleave(zri, a, n, torch.empty(bsz, r, n2, dtype=ctype))
     # w_N^((a + j) c) = w_N^(j c) * w_N^(a c): one table for all tiles and one row per tile, not R x N2 sin/cos
     row = _twiddle(torch.tensor([a]), n2, n, ctype, zri.device)
     return torch.complex(zri[:, :, 0], zri[:, :, 1]) * (base[:r] * row)

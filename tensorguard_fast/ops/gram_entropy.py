@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, reference
+from . import _cpp
 from .lm_head_errors import _raise_samples, answer_error_blocks, check_blocks, check_forward
 
 # --- singular values of E^T H by the Gram route ---------------------------------------------------------------------
@@ -74,14 +75,8 @@ def _gram_route(e: torch.Tensor, h: torch.Tensor, op: str) -> torch.Tensor:
 def _pivoted_factor(gram: torch.Tensor, cols: int):
     """(L, rank): L L^T = gram from the C++ rank-revealing Cholesky, columns past rank zero; the noise tolerance
     is `_psd_factor`'s (LAPACK pstrf uses the same n * eps * max diag)."""
-    gram = gram.contiguous()
-    bsz, n, _ = gram.shape
-    factor = torch.empty_like(gram)
-    rank = torch.empty(bsz, dtype=torch.int64)
-    tol = max(n, cols, 1) * torch.finfo(torch.float64).eps
-    _backend.cpp().pivoted_cholesky(gram.data_ptr(), bsz, n, tol, factor.data_ptr(), rank.data_ptr(),
-                                    _backend.num_threads())
-    return factor, rank
+    tol = max(gram.shape[-1], cols, 1) * torch.finfo(torch.float64).eps
+    return _cpp.pivoted_cholesky(gram.contiguous(), tol)
 
 
 def _gram_route_cpu(e: torch.Tensor, h: torch.Tensor, op: str) -> torch.Tensor:
@@ -164,10 +159,7 @@ def spectral_entropy(svals: torch.Tensor, rank: int = 16, squared: bool = False,
     if chosen != "cpp" or s.shape[0] == 0:
         # The triton backend has nothing worth a kernel here (B x 16 numbers): torch on the device.
         return reference.spectral_entropy(s, rank, squared).to(s.device)
-    s64 = s.to(torch.float64).contiguous()
-    out = torch.empty(s64.shape[0], dtype=torch.float64)
-    _backend.cpp().spectrum_entropy(s64.data_ptr(), s64.shape[0], s64.shape[1], rank, bool(squared), out.data_ptr())
-    return out
+    return _cpp.spectrum_entropy(s.to(torch.float64).contiguous(), rank, bool(squared))
 
 
 def gram_entropy(E: torch.Tensor, H: torch.Tensor, rank: int = 16, squared: bool = False,

@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _backend
+from . import _cpp
+from .gradient_sketch_accumulator import SketchAccumulator, per_sample_sketch
 
 IGNORE_INDEX = -100  # targets value of positions that are not scored (prompt, padding), as in transformers
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -66,8 +68,9 @@ def _raise_samples(bad: torch.Tensor, what: str, op: str) -> None:
 # --- from the forward pass: hidden states, lm_head weight, targets ----------------------------------------------
 
 def answer_error_blocks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, crop: int = 8,
-                        vocab_chunk: int = 8192, backend: Optional[str] = None, op: str = "gram_entropy"):
-    """(E, H, n_tokens): the per-sample blocks whose product E_b^T H_b is n_b times the cropped lm_head gradient.
+                        vocab_chunk: int = 8192, backend: Optional[str] = None, op: str = "gram_entropy",
+                        sketch: Optional[torch.Tensor] = None):
+    """(E, H, n_tokens), or (E, H, n_tokens, S) with `sketch`: the per-sample blocks whose product E_b^T H_b is n_b times the cropped lm_head gradient.
 
     hidden (B, S, d): inputs of lm_head (final normed hidden states); weight (V, d); targets (B, S) int64 aligned
     with hidden (targets[b, t] is the token the logits at t predict; -100 = not scored). Only the scored positions are
@@ -78,6 +81,9 @@ def answer_error_blocks(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     computed in float32 (float64 if hidden or weight is float64); n_tokens (B,) int64.
     Non-finite logits (or hidden states at scored positions) raise ValueError naming the sample.
     Shared by gram_entropy and fft_entropy.
+    sketch: R (V, k) from `gradient_sketch.sketch_matrix`; the same chunk loop then also gives S (B, k, d), the
+    gradient sketch R^T G_b of the FULL gradient (NaN where n_b = 0; `gradient_sketch_from_hidden` computes the same),
+    and E, H, n are exactly those of the call without it.
     """
     hidden, weight, targets = check_forward(hidden, weight, targets, crop, vocab_chunk, op)
     chosen = _backend.choose(op, hidden.device, backend)
@@ -94,12 +100,25 @@ def answer_error_blocks(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     labels = targets[b_idx, s_idx].contiguous()
     e = torch.zeros(bsz, tmax, vc, dtype=cdt, device=hidden.device)
     h = torch.zeros(bsz, tmax, dc, dtype=cdt, device=hidden.device)
+    state = None if sketch is None else SketchAccumulator(_check_sketch(sketch, weight, op), labels, chosen, cdt)
     if rows.shape[0]:
         _raise_rows(~torch.isfinite(rows).all(1), b_idx, op, "hidden states at scored positions hold NaN or Inf")
-        errors = _cropped_errors(rows, weight, labels, vc, vocab_chunk, cdt, chosen, b_idx, op)
+        errors = _cropped_errors(rows, weight, labels, vc, vocab_chunk, cdt, chosen, b_idx, op, state)
         e[b_idx, t_idx] = errors
         h[b_idx, t_idx] = rows[:, :dc]
-    return e, h, n_tokens
+    if state is None:
+        return e, h, n_tokens
+    return e, h, n_tokens, per_sample_sketch(state.rows(), rows, n_tokens, bsz, cdt)
+
+
+def _check_sketch(r, weight, op):
+    if not isinstance(r, torch.Tensor) or r.dim() != 2 or r.shape[0] != weight.shape[0] or r.shape[1] < 1:
+        got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+        raise ValueError(f"{op}: sketch must be R ({weight.shape[0]}, k) from gradient_sketch.sketch_matrix(vocab, k, "
+                         f"seed); got {got}")
+    if r.device != weight.device or not r.dtype.is_floating_point:
+        raise ValueError(f"{op}: sketch R must be a float tensor on {weight.device}; got {r.dtype} on {r.device}")
+    return r.detach()
 
 
 def check_forward(hidden, weight, targets, crop, vocab_chunk, op):
@@ -134,8 +153,9 @@ def _raise_rows(bad_rows: torch.Tensor, b_idx: torch.Tensor, op: str, what: str)
         raise ValueError(f"{op}: sample {int(samples[0])}: {what} ({samples.numel()} sample(s) affected)")
 
 
-def _cropped_errors(rows, weight, labels, vc, vocab_chunk, cdt, chosen, b_idx, op):
-    """E rows = softmax(z)[:vc] - onehot(y)[:vc] for the scored rows (N, d), logits chunked over the vocabulary."""
+def _cropped_errors(rows, weight, labels, vc, vocab_chunk, cdt, chosen, b_idx, op, sketch=None):
+    """E rows = softmax(z)[:vc] - onehot(y)[:vc] for the scored rows (N, d), logits chunked over the vocabulary;
+    each chunk also goes to `sketch` (a SketchAccumulator) when given."""
     n = rows.shape[0]
     vocab = weight.shape[0]
     # The fused kernels take float32 logits; float64 inputs (tests, exact checks) take the torch formulas.
@@ -148,14 +168,20 @@ def _cropped_errors(rows, weight, labels, vc, vocab_chunk, cdt, chosen, b_idx, o
     m = torch.full((n,), -math.inf, dtype=torch.float64, device=rows.device)
     s = torch.zeros(n, dtype=torch.float64, device=rows.device)
     bad = torch.zeros(n, dtype=torch.int64, device=rows.device)
+    fused = sketch is not None and sketch.fuses_logsumexp
+    if fused:  # one C++ pass per chunk gives the logsumexp state (bit-identical) and the sketch's exponentials
+        m, s, bad = sketch.m, sketch.s, sketch.bad
     chunks = [(0, vc)] + [(v0, min(v0 + vocab_chunk, vocab)) for v0 in range(vc, vocab, vocab_chunk)]
     for v0, v1 in chunks:
         z = crop_logits if v0 == 0 else rows @ weight[v0:v1].to(cdt).T
         if z.shape[1] == 0:
             continue
+        if sketch is not None:
+            sketch.update(z, v0)
+        if fused:
+            continue
         if use_cpp:
-            _backend.cpp().logsumexp_update(z.data_ptr(), n, z.shape[1], z.stride(0), m.data_ptr(), s.data_ptr(),
-                                           bad.data_ptr(), _backend.num_threads())
+            _cpp.logsumexp_update(z, m, s, bad)
         elif use_triton:
             kernels.logsumexp_update(z, m, s, bad)
         else:
@@ -163,9 +189,7 @@ def _cropped_errors(rows, weight, labels, vc, vocab_chunk, cdt, chosen, b_idx, o
     lse = m + s.log()
     _raise_rows((bad > 0) | ~torch.isfinite(lse), b_idx, op, "non-finite logits")
     if use_cpp:
-        _backend.cpp().crop_error_rows(crop_logits.data_ptr(), n, vc, crop_logits.stride(0), lse.data_ptr(),
-                                       labels.data_ptr(), _backend.num_threads())
-        return crop_logits
+        return _cpp.crop_error_rows(crop_logits, lse, labels)
     if use_triton:
         kernels.crop_error_rows(crop_logits, lse, labels)
         return crop_logits

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend, reference
+from . import _cpp
 from ..stats import Moments, from_power_sums
 
 SUPPORTED = tuple(_backend.DTYPE_CODES)
@@ -57,12 +58,8 @@ def moments_many(xs: Sequence[torch.Tensor], backend: Optional[str] = None) -> l
 
 
 def _cpp_moments(xs: Sequence[torch.Tensor]) -> list:
-    ext = _backend.cpp()
     # contiguous() is a no-op for the common case; the list keeps every buffer alive during the call.
-    keep = [x.contiguous() for x in xs]
-    items = [(t.data_ptr(), t.numel(), _backend.DTYPE_CODES[t.dtype]) for t in keep]
-    states = ext.moments_many(items, _backend.num_threads())
-    return [Moments.from_state(s) for s in states]
+    return [Moments.from_state(s) for s in _cpp.moments_many([x.contiguous() for x in xs])]
 
 
 def outer_moments(u: torch.Tensor, x: torch.Tensor, backend: Optional[str] = None, tile_rows: int = 1024) -> Moments:
