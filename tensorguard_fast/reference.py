@@ -198,3 +198,27 @@ def gradsentry_lowrank_entropy(g: torch.Tensor, rank: int = 16, niter: int = 2) 
     """GradSentry's spectrum: torch.svd_lowrank(q=rank, niter) of the crop (randomised), then `spectral_entropy`."""
     _, s, _ = torch.svd_lowrank(g.float(), q=rank, niter=niter)
     return float(spectral_entropy(s, rank)[0])
+
+
+# --- gradient_sketch: R^T G_b with the full lm_head gradient materialised ----------------------------------------------
+
+def gradient_sketch_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                r: torch.Tensor):
+    """(sketch (B, k, d), n (B,)): S_b = R^T G_b with G_b = (1/n_b) sum_t (softmax(h_t W^T) - onehot(y_t)) h_t^T the
+    full V x d lm_head gradient of sample b's mean answer cross-entropy, from materialised float64 logits and G.
+    r (V, k) is the projection; NaN sketch where n_b = 0; float64."""
+    w = weight.detach().to(torch.float64)
+    r64 = r.detach().to(torch.float64)
+    v, d = w.shape
+    keep = targets != -100
+    n = keep.sum(1).to(torch.int64)
+    out = torch.full((hidden.shape[0], r.shape[1], d), math.nan, dtype=torch.float64, device=hidden.device)
+    for b in range(hidden.shape[0]):
+        if not bool(keep[b].any()):
+            continue
+        h = hidden[b][keep[b]].detach().to(torch.float64)
+        y = targets[b][keep[b]]
+        e = torch.softmax(h @ w.T, dim=-1) - torch.nn.functional.one_hot(y, v).to(torch.float64)
+        g = e.T @ h / len(y)  # V x d: what the kernels never form
+        out[b] = r64.T @ g
+    return out, n
