@@ -37,7 +37,7 @@ def test_schemas_and_ids(tmp_path):
         json.dumps({"question": "list", "answer": ["x", "y"]}),
     ])
     ds = load_samples(p)
-    assert [s.id for s in ds.samples] == ["a", 1, 2, 3, 4]
+    assert [s.id for s in ds.samples] == ["a", "line:2", "line:3", "line:4", "line:5"]
     assert [s.answer for s in ds.samples] == ["A1", "ok", "R", "yo", "x; y"]
     assert ds.samples[1].prompt == "Do\n\nthis"
     assert ds.samples[3].prompt == [{"role": "user", "content": "hi"}]
@@ -50,9 +50,9 @@ def test_malformed_lines_and_missing_answers_are_reported_with_line_numbers(tmp_
     ds = load_samples(p, CharTokenizer())
     assert len(ds) == 4   # the blank line is not a record
     assert ds.samples[0].problem is None
-    assert ds.samples[1].problem.startswith("unreadable line 2") and ds.samples[1].raw == "{not json"
-    assert "line 4" in ds.samples[2].problem and "empty answer" in ds.samples[2].problem
-    assert "line 5" in ds.samples[3].problem and "no known schema" in ds.samples[3].problem
+    assert ds.samples[1].problem.startswith("unreadable line 2 of d.jsonl: not JSON") and ds.samples[1].raw == b"{not json"
+    assert "line 4 of d.jsonl" in ds.samples[2].problem and "empty answer" in ds.samples[2].problem
+    assert "line 5 of d.jsonl" in ds.samples[3].problem and "no known schema" in ds.samples[3].problem
 
 
 def test_empty_file_is_an_error(tmp_path):

@@ -3,6 +3,7 @@
 `kde_valley_threshold` is GradSentry's rule (DESIGN.md section 2); the others are robust alternatives evaluated next
 to it in bench/backdoor_eval.py. Every rule returns a `Threshold` that says which rule and why, so a report can show
 when GradSentry's rule fell back to its fixed 0.7. NaN scores (samples that could not be scored) are ignored.
+Top-k is by rank (exactly k flagged; ties broken by input order); fixed thresholds must be finite.
 """
 from __future__ import annotations
 
@@ -21,10 +22,29 @@ class Threshold:
     rule: str
     reason: str
     details: dict = field(default_factory=dict)
+    k: Optional[int] = None   # top-k by rank: flag exactly k of the finite scores (see `flags`)
 
     def flags(self, scores) -> np.ndarray:
+        """Flags of `scores` (NaN: never flagged). A value rule flags scores > value. Top-k flags exactly k: the
+        finite scores ranked from high to low, ties broken by input order (the earlier sample first)."""
         s = np.asarray(scores, dtype=np.float64)
-        return np.where(np.isfinite(s), s > self.value, False)
+        if self.k is None:
+            return np.where(np.isfinite(s), s > self.value, False)
+        finite = np.flatnonzero(np.isfinite(s))
+        order = finite[np.argsort(-s[finite], kind="stable")]   # stable: equal scores keep input order
+        out = np.zeros(s.shape, dtype=bool)
+        out[order[:self.k]] = True
+        return out
+
+    def explain(self, score: float, flagged: bool) -> str:
+        """Why a sample with `score` is (not) flagged, in words."""
+        if self.k is None:
+            return f"score {score:.4f} {'>' if flagged else '<='} threshold {self.value:.4f}"
+        if flagged:
+            return f"score {score:.4f} ranks in the top {self.k} (cut {self.value:.4f})"
+        if score == self.value:
+            return f"score {score:.4f} ties the top-{self.k} cut but comes later in the input (ties: earlier first)"
+        return f"score {score:.4f} is below the top-{self.k} cut {self.value:.4f}"
 
     def as_dict(self) -> dict:
         return {"value": self.value, "rule": self.rule, "reason": self.reason, **self.details}
@@ -145,18 +165,19 @@ def gmm_threshold(scores: Sequence[float], seed: int = 0) -> Threshold:
 
 
 def topk_threshold(scores: Sequence[float], ratio: float) -> Threshold:
-    """Flag the round(ratio * n) highest scores: for a user who knows (or bounds) the poison ratio."""
-    if not 0 <= ratio <= 1:
-        raise ValueError(f"ratio={ratio}: must be in [0, 1]")
+    """Flag the k = round(ratio * n) highest of the n finite scores, exactly k: by rank, not by a value cut, so ties
+    at the cut cannot shrink or grow the set (ties are broken by input order, the earlier sample first; the summary
+    says how many tied samples stayed unflagged). `value` is the k-th highest score (inf when k = 0)."""
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 <= ratio <= 1):
+        raise ValueError(f"top-k ratio {ratio!r}: must be a number in [0, 1], e.g. topk:0.1")
     x = np.sort(_finite(scores))[::-1]
     k = int(round(ratio * x.size))
-    if k == 0:
-        tau = float(x[0]) if x.size else math.inf
-    elif k >= x.size:
-        tau = float(x[-1]) - 1e-12
-    else:
-        tau = float((x[k - 1] + x[k]) / 2)
-    return Threshold(tau, "topk", f"top {k} of {x.size} scores (ratio {ratio})", {"n": int(x.size), "k": k})
+    cut = float(x[k - 1]) if k else math.inf
+    tied_out = int(np.sum(x[k:] == cut)) if k else 0
+    reason = f"top {k} of {x.size} scores by rank (ratio {ratio})"
+    if tied_out:
+        reason += f"; {tied_out} more tie the cut {cut:.4f} and stay unflagged (ties: earlier in the input first)"
+    return Threshold(cut, "topk", reason, {"n": int(x.size), "k": k, "tied_unflagged": tied_out}, k=k)
 
 
 def choose_threshold(scores: Sequence[float], rule: str = "kde", ratio: Optional[float] = None) -> Threshold:
@@ -173,15 +194,37 @@ def choose_threshold(scores: Sequence[float], rule: str = "kde", ratio: Optional
         if ratio is None:
             raise ValueError("threshold rule 'topk' needs the poison ratio (e.g. --threshold topk:0.1)")
         return topk_threshold(scores, ratio)
-    try:
-        value = float(rule)
-    except (TypeError, ValueError):
-        raise ValueError(f"threshold {rule!r}: use one of {RULES} (topk:RATIO) or a number") from None
+    value = _fixed(rule)
     return Threshold(value, "fixed", f"fixed threshold {value}")
 
 
+def _fixed(text) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold {text!r}: use one of {RULES} (topk:RATIO) or a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"threshold {text!r}: a fixed threshold must be a finite number")
+    return value
+
+
 def parse_threshold(text: str):
-    """'kde' | 'otsu' | 'mad' | 'gmm' | 'topk:0.1' | '0.75' -> (rule, ratio)."""
-    if text.startswith("topk:"):
-        return "topk", float(text.split(":", 1)[1])
+    """'kde' | 'otsu' | 'mad' | 'gmm' | 'topk:0.1' | '0.75' -> (rule, ratio); anything else (an unknown rule, a bad
+    or out-of-range ratio, NaN, inf) raises ValueError with a one-line message, so a CLI can refuse it before any
+    work."""
+    text = str(text).strip()
+    if text.lower().startswith("topk:"):
+        raw = text.split(":", 1)[1]
+        try:
+            ratio = float(raw)
+        except ValueError:
+            raise ValueError(f"threshold {text!r}: the top-k ratio {raw!r} is not a number (e.g. topk:0.1)") from None
+        if not (math.isfinite(ratio) and 0 <= ratio <= 1):
+            raise ValueError(f"threshold {text!r}: the top-k ratio must be in [0, 1] (e.g. topk:0.1)")
+        return "topk", ratio
+    if text == "topk":
+        raise ValueError("threshold rule 'topk' needs the poison ratio (e.g. --threshold topk:0.1)")
+    if text in RULES:
+        return text, None
+    _fixed(text)
     return text, None

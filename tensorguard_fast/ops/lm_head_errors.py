@@ -138,6 +138,10 @@ def check_forward(hidden, weight, targets, crop, vocab_chunk, op):
         raise TypeError(f"{op}: targets must be int64 token ids (-100 = not scored); got {targets.dtype}")
     if not (isinstance(crop, int) and crop >= 1) or not (isinstance(vocab_chunk, int) and vocab_chunk >= 1):
         raise ValueError(f"{op}: crop and vocab_chunk must be positive ints; got {crop!r}, {vocab_chunk!r}")
+    vocab, dim = weight.shape
+    if crop > min(vocab, dim):   # the crop keeps the first V//crop rows and d//crop columns: none would be left
+        raise ValueError(f"{op}: crop {crop} leaves no gradient to score: the lm_head is {vocab} x {dim} and the "
+                         f"crop keeps the first V//crop rows and d//crop columns; use a crop <= {min(vocab, dim)}")
     if len({hidden.device, weight.device, targets.device}) > 1:
         raise ValueError(f"{op}: hidden, weight and targets must share a device")
     targets = targets.to(torch.int64)
