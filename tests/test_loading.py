@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from tensorguard_fast import fast_fingerprint
 from tensorguard_fast.lineage.family import distance
-from tensorguard_fast.lineage.loading import ModelLoadError, open_model
+from tensorguard_fast.lineage.loading import ModelLoadError, ModelNotFound, NonFiniteWeights, open_model
 
 from lineage_models import save_tiny, tiny_llama
 
@@ -76,8 +76,9 @@ def test_header_offsets_past_the_end(tmp_path):
 
 
 def test_pickle_needs_the_flag(tiny_dir, tmp_path):
-    state = tiny_llama(seed=0).state_dict()
-    torch.save(state, tmp_path / "pytorch_model.bin")
+    model = tiny_llama(seed=0)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    model.config.save_pretrained(str(tmp_path))  # the same config beside it as beside the safetensors
     with pytest.raises(ModelLoadError, match="pytorch_model.bin.*allow_pickle"):
         open_model(tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="pickled"):
@@ -94,18 +95,63 @@ def test_no_matrices(tmp_path):
             fast_fingerprint(f, profile=profile)
 
 
-def test_nonfinite_weights_are_recorded(tmp_path):
+def _damaged(tmp_path, name, edit):
     state = {k: v.clone() for k, v in tiny_llama(seed=0).state_dict().items()}
-    state["model.layers.0.self_attn.q_proj.weight"][3, 5] = float("nan")
-    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
-    state["model.embed_tokens.weight"][7, 1] = float("nan")
-    f = tmp_path / "nan.safetensors"
+    edit(state)
+    f = tmp_path / f"{name}.safetensors"
     save_file(state, str(f))
+    return f
+
+
+def test_nonfinite_weights_fail_with_the_tensor_named(tmp_path):
+    def spots(state):
+        state["model.layers.0.self_attn.q_proj.weight"][3, 5] = float("nan")
+        state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+        state["model.embed_tokens.weight"][7, 1] = float("nan")
+
+    f = _damaged(tmp_path, "nan", spots)
     for profile in ("full", "tensorguard"):
-        fp = fast_fingerprint(f, profile=profile)
-        assert np.isfinite(fp.vector).all()
-        assert fp.metadata["nonfinite_rows"] >= 1
-    assert fast_fingerprint(f).metadata["nonfinite_rows"] == 3
+        with pytest.raises(NonFiniteWeights, match=r"nan.safetensors: tensor '.*' holds 1 NaN/Inf.*allow_nonfinite"):
+            fast_fingerprint(f, profile=profile)
+    for profile in ("full", "tensorguard"):  # asked for: fingerprinted, the damage recorded
+        fp = fast_fingerprint(f, profile=profile, allow_nonfinite=True)
+        assert np.isfinite(fp.vector).all() and fp.metadata["nonfinite_rows"] >= 1
+    assert fast_fingerprint(f, profile="full", allow_nonfinite=True).metadata["nonfinite_rows"] == 3
+
+
+def test_all_nan_and_all_inf_models_are_refused(tmp_path):
+    nan = _damaged(tmp_path, "allnan", lambda st: [v.fill_(float("nan")) for v in st.values()])
+    inf = _damaged(tmp_path, "allinf", lambda st: [v.fill_(float("inf")) for v in st.values()])
+    for f in (nan, inf):  # before: both fingerprinted, at distance 0 from each other
+        with pytest.raises(NonFiniteWeights, match=f.name):
+            fast_fingerprint(f)
+    bf16 = save_tiny(tmp_path / "bf16", seed=0, dtype=torch.bfloat16)
+    fast_fingerprint(bf16)  # finite half-precision weights pass the check
+
+
+def test_string_and_overlapping_data_offsets(tmp_path):
+    def write(name, header, data=b"\0" * 128):
+        raw = json.dumps(header).encode()
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+        return tmp_path / name
+
+    cases = {
+        "strings.safetensors": ({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": ["0", "64"]}},
+                                "data_offsets \\['0', '64'\\] is not two non-negative integers"),
+        "overlap.safetensors": ({"a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},
+                                 "b": {"dtype": "F32", "shape": [4, 4], "data_offsets": [32, 96]}}, "overlap"),
+        "dtype.safetensors": ({"w": {"dtype": "F128", "shape": [2], "data_offsets": [0, 32]}}, "dtype 'F128'"),
+        "shape.safetensors": ({"w": {"dtype": "F32", "shape": [-4, 4], "data_offsets": [0, 64]}}, "shape"),
+        "list.safetensors": ([1, 2], "JSON object"),
+    }
+    for name, (header, message) in cases.items():
+        with pytest.raises(ModelLoadError, match=f"{name}.*{message}"):
+            open_model(write(name, header))
+    deep = tmp_path / "deep.safetensors"
+    raw = b"[" * 200_000 + b"]" * 200_000
+    deep.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(ModelLoadError, match="deep.safetensors: corrupt safetensors header"):
+        open_model(deep)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -135,7 +181,8 @@ def test_lora_adapter_is_merged_like_peft(tmp_path):
     torch.testing.assert_close(src.get(key), merged[key], rtol=1e-5, atol=1e-6)
     assert not torch.equal(src.get(key), open_model(base_dir).get(key))
     fp = fast_fingerprint(tmp_path / "adapter")
-    assert "adapter_model.safetensors" in fp.metadata["file_hashes"]
+    assert {"adapter_model.safetensors", "adapter_config.json", "base/model.safetensors"} <= set(
+        fp.metadata["file_hashes"])
 
 
 def test_unresolvable_hub_id(monkeypatch):
@@ -147,6 +194,32 @@ def test_unresolvable_hub_id(monkeypatch):
 def test_missing_path():
     with pytest.raises(ModelLoadError, match="no such file"):
         open_model("/nonexistent/model.safetensors")
+
+
+def test_missing_relative_paths_never_go_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "models").mkdir()
+    for spec in ("models/ft", "./ft", "../ft", "ft.safetensors", "a/b/c", "models/ft/", "~/nope/x"):
+        with pytest.raises(ModelNotFound, match=f"^no such file or directory: {spec}$"):
+            open_model(spec)
+    with pytest.raises(ModelLoadError, match="^ghost-org/ghost: no such file or directory, and not a Hugging Face"):
+        open_model("ghost-org/ghost")  # a hub-shaped id whose first part is not here: the hub, then both reasons
+
+
+def test_bundled_names(tmp_path):
+    with pytest.raises(ModelLoadError, match="bundled:nope: unknown bundled model; choose from bundled:gemma3-270m"):
+        open_model("bundled:nope")
+    with pytest.raises(ModelLoadError, match="unknown bundled model"):
+        open_model("bundled:../../etc")
+
+
+@pytest.mark.slow
+def test_bundled_name_fingerprints_like_its_directory(smollm2_dir):
+    a = fast_fingerprint("bundled:smollm2", profile="tensorguard")
+    b = fast_fingerprint(smollm2_dir, profile="tensorguard")
+    np.testing.assert_array_equal(a.vector, b.vector)
+    assert a.metadata["file_hashes"] == b.metadata["file_hashes"]
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Model lineage commands: fingerprint, compare, classify, store, plot.
 
 Every MODEL argument may be a model (safetensors file, model directory, sharded directory, GGUF, LoRA adapter
-directory, hub id) or a fingerprint JSON written by `fingerprint` (TensorGuard's released feature files too).
+directory, hub id, bundled:NAME) or a fingerprint JSON written by `fingerprint` (TensorGuard's released
+feature files too).
 """
 from __future__ import annotations
 
@@ -31,12 +32,15 @@ def load_any(spec: str, profile: Optional[str], args):
     path = Path(spec)
     if path.is_file() and path.suffix == ".json" and not path.name.endswith("index.json") \
             and path.name not in ("config.json", "adapter_config.json"):
-        fp = Fingerprint.from_json(path)
+        try:
+            fp = Fingerprint.from_json(path)
+        except (KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{spec}: not a fingerprint JSON ({type(exc).__name__}: {exc})") from exc
         if profile and fp.profile != profile:
             raise ValueError(f"{spec}: fingerprint has profile {fp.profile!r}, but --profile {profile} was asked")
         return fp
     return fast_fingerprint(spec, profile=profile or "full", seed=args.seed, device=args.device,
-                            allow_pickle=args.allow_pickle)
+                            allow_pickle=args.allow_pickle, allow_nonfinite=getattr(args, "allow_nonfinite", False))
 
 
 def _load_many(specs: List[str], args):
@@ -50,6 +54,8 @@ def _common(p):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled .bin/.pt checkpoints (torch.load weights_only=True)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="fingerprint checkpoints whose weights hold NaN/Inf (refused by default, naming the tensor)")
 
 
 def cmd_fingerprint(args) -> int:
@@ -59,16 +65,17 @@ def cmd_fingerprint(args) -> int:
         raise ValueError("name at least one MODEL, or --from LIST_OR_DIR with --store DB")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    written = set()
+    from ..lineage.store import identity
+    from .lineage_store import output_stem, write_inside
+
+    used = set()
     for spec in _progress(args.models, "fingerprinting"):
         fp = load_any(spec, args.profile, args)
-        stem = fp.model
-        if stem in written:  # two directories with the same name (e.g. .../a/ft and .../b/ft): prefix the parent
-            stem = f"{Path(spec).resolve().parent.name}_{stem}"
+        # the name comes from the input (a fingerprint JSON's metadata is untrusted): sanitised, de-duplicated
+        stem = output_stem(fp.model, spec, identity(fp), used)
+        if stem != fp.model:
             fp.metadata["model"] = stem
-        written.add(stem)
-        target = out / f"{stem}.{fp.profile}.json"
-        fp.to_json(target)
+        target = write_inside(out, f"{stem}.{fp.profile}.json", fp.to_json())
         print(f"{spec}: {fp.profile} fingerprint, {fp.vector.size} features, {fp.metadata.get('seconds', 0):.2f}s "
               f"-> {target}")
     return 0
@@ -84,7 +91,8 @@ def _fingerprint_into_store(args) -> int:
     if not models:
         raise ValueError("no model to fingerprint")
     results = fingerprint_many(models, args.store, args.profile or "full", args.workers, args.seed, args.device,
-                               args.allow_pickle, progress=sys.stderr.isatty())
+                               args.allow_pickle, progress=sys.stderr.isatty(),
+                               allow_nonfinite=args.allow_nonfinite)
     print(summarize(results))
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
@@ -138,27 +146,9 @@ def cmd_classify(args) -> int:
 
 
 def cmd_store(args) -> int:
-    from ..lineage.store import FingerprintStore
+    from .lineage_store import run_store
 
-    with FingerprintStore(args.db) as store:
-        if args.store_command == "add":
-            for spec in _progress(args.models, "adding"):
-                try:
-                    fp = load_any(spec, args.profile, args)
-                except (ValueError, FileNotFoundError, RuntimeError) as exc:
-                    store.record_failure(spec, args.profile or "full", str(exc))
-                    print(f"{spec}: failed ({exc})", file=sys.stderr)
-                    continue
-                rid = store.add(fp, family=args.family)
-                print(f"{spec}: stored as #{rid} ({fp.profile})")
-        elif args.store_command == "search":
-            fp = load_any(args.model, args.profile, args)
-            for d, rec in store.search(fp, k=args.k):
-                print(f"{d:10.4g}  #{rec['id']:<5} {rec['model']}  family={rec['family']}")
-        else:
-            for rec in store.list(args.profile):
-                print(f"#{rec['id']:<5} {rec['profile']:<12} {rec['model']}  family={rec['family']}")
-    return 0
+    return run_store(args, load_any)
 
 
 def cmd_plot(args) -> int:
@@ -201,6 +191,8 @@ def cmd_plot(args) -> int:
 
 
 def register(subparsers) -> None:
+    from .lineage_store import add_store_parser
+
     p = subparsers.add_parser("fingerprint", help="fingerprint models, one JSON each (or many into a store)")
     p.add_argument("models", nargs="*", metavar="MODEL")
     p.add_argument("-o", "--output", default=".", help="directory for the JSON files")
@@ -229,22 +221,7 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(func=cmd_classify)
 
-    p = subparsers.add_parser("store", help="a SQLite store of fingerprints: add, search, list")
-    sub = p.add_subparsers(dest="store_command", required=True)
-    a = sub.add_parser("add")
-    a.add_argument("db")
-    a.add_argument("models", nargs="+", metavar="MODEL_OR_FP")
-    a.add_argument("--family", default=None, help="label the added fingerprints with a family")
-    _common(a)
-    s = sub.add_parser("search")
-    s.add_argument("db")
-    s.add_argument("model", metavar="MODEL_OR_FP")
-    s.add_argument("-k", type=int, default=5)
-    _common(s)
-    ls = sub.add_parser("list")
-    ls.add_argument("db")
-    _common(ls)
-    p.set_defaults(func=cmd_store)
+    add_store_parser(subparsers, _common, cmd_store)
 
     p = subparsers.add_parser("plot", help="PCA scatter of fingerprints coloured by family (PNG)")
     p.add_argument("models", nargs="+", metavar="MODEL_OR_FP")

@@ -106,7 +106,8 @@ class Fingerprint:
 
 
 def fast_fingerprint(model_or_path, profile: str = "full", seed: int = 0, device=None, allow_pickle: bool = False,
-                     base: Optional[str] = None, name: Optional[str] = None) -> Fingerprint:
+                     base: Optional[str] = None, name: Optional[str] = None,
+                     allow_nonfinite: bool = False) -> Fingerprint:
     """Fingerprint a model: a path (safetensors file, sharded or HF directory, GGUF, LoRA adapter directory), a hub
     id, an nn.Module or a state dict. Weights are read one tensor at a time (see io/loading.py).
 
@@ -119,7 +120,7 @@ def fast_fingerprint(model_or_path, profile: str = "full", seed: int = 0, device
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    source = open_model(model_or_path, allow_pickle=allow_pickle, base=base)
+    source = open_model(model_or_path, allow_pickle=allow_pickle, base=base, allow_nonfinite=allow_nonfinite)
     t0 = time.perf_counter()
     if profile == "tensorguard":
         from .profile_tensorguard import tensorguard_features as compute

@@ -5,7 +5,8 @@
 
 Workers are processes (spawned; each with its share of the CPU threads) or torchrun ranks (each takes every
 size-th model). A model whose checkpoint (same file hashes) and profile are already in the store is skipped without
-reading its weights; a failure is recorded in the store with its reason and the others go on.
+reading its weights (the file hashes are sha256 digests of the whole files, cached by io.digest, so an edited
+copy is fingerprinted again); a failure is recorded in the store with its reason and the others go on.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Job:
     device: Optional[str] = None
     allow_pickle: bool = False
     threads: Optional[int] = None
+    allow_nonfinite: bool = False
 
 
 def model_list(source: str) -> List[str]:
@@ -43,7 +45,11 @@ def model_list(source: str) -> List[str]:
             raise ValueError(f"{source}: no model directories or weight files in it")
         return models
     if path.is_file():
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{source}: not a UTF-8 text list of models ({exc})") from exc
+        lines = [line.strip() for line in text.split("\n")]  # "\n" only: U+2028 may sit inside a file name
         models = [line for line in lines if line and not line.startswith("#")]
         if not models:
             raise ValueError(f"{source}: the list names no model")
@@ -63,11 +69,11 @@ def run_job(job: Job) -> dict:
         torch.set_num_threads(job.threads)
     with FingerprintStore(job.store) as store:
         try:
-            source = open_model(job.model, allow_pickle=job.allow_pickle)
+            source = open_model(job.model, allow_pickle=job.allow_pickle, allow_nonfinite=job.allow_nonfinite)
             if store.has(checkpoint_key(source.file_hashes(), source.name), job.profile):
                 return {"model": job.model, "status": "skipped"}
             fp = fast_fingerprint(source, profile=job.profile, seed=job.seed, device=job.device,
-                                  allow_pickle=job.allow_pickle)
+                                  allow_pickle=job.allow_pickle, allow_nonfinite=job.allow_nonfinite)
             store.add(fp)
             return {"model": job.model, "status": "done", "seconds": fp.metadata.get("seconds")}
         except Exception as exc:  # one broken checkpoint must not stop the registry
@@ -78,13 +84,15 @@ def run_job(job: Job) -> dict:
 
 
 def fingerprint_many(models: List[str], store: str, profile: str = "full", workers: int = 1, seed: int = 0,
-                     device: Optional[str] = None, allow_pickle: bool = False, progress: bool = True) -> List[dict]:
+                     device: Optional[str] = None, allow_pickle: bool = False, progress: bool = True,
+                     allow_nonfinite: bool = False) -> List[dict]:
     """Fingerprint every model of `models` into `store` with `workers` processes; results in input order."""
     from .store import FingerprintStore
 
     FingerprintStore(store).close()  # create the schema once, before workers race to
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    jobs = [Job(m, store, profile, seed, device, allow_pickle, threads if workers > 1 else None) for m in models]
+    jobs = [Job(m, store, profile, seed, device, allow_pickle, threads if workers > 1 else None, allow_nonfinite)
+            for m in models]
     bar = None
     if progress and len(jobs) > 1:
         from tqdm import tqdm
@@ -129,12 +137,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--allow-pickle", action="store_true")
+    ap.add_argument("--allow-nonfinite", action="store_true", help="fingerprint checkpoints holding NaN/Inf")
     args = ap.parse_args(argv)
     w = distributed.world()  # no process group needed: the store is the only shared state
     mine = distributed.shard(model_list(args.source), w)
     device = args.device or (f"cuda:{w.local_rank}" if _cuda() else None)
     results = fingerprint_many(mine, args.store, args.profile, 1, args.seed, device, args.allow_pickle,
-                               progress=w.is_main)
+                               progress=w.is_main, allow_nonfinite=args.allow_nonfinite)
     print(f"rank {w.rank}/{w.size}: " + summarize(results))
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
