@@ -41,7 +41,7 @@ def test_scan_writes_every_file(smollm2, tmp_path):
     summary = scan(model, tok, str(path), str(out), batch_size=4, threshold="topk:0.2", max_len=48, progress=False)
     scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == len(lines)
-    assert [s["id"] for s in scores][:3] == ["s0", "s1", "s2"] and scores[3]["id"] == 3
+    assert [s["id"] for s in scores][:3] == ["s0", "s1", "s2"] and scores[3]["id"] == "line:4"
     broken, empty, long = scores[3], scores[5], scores[-1]
     assert broken["flagged"] and broken["score"] is None and "unreadable line 4" in broken["reason"]
     assert empty["flagged"] and empty["score"] is None and "empty answer" in empty["reason"]

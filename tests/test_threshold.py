@@ -78,3 +78,63 @@ def test_choose_and_parse():
         choose_threshold([0.1, 0.9], "topk")
     with pytest.raises(ValueError, match="threshold"):
         choose_threshold([0.1, 0.9], "median-ish")
+
+
+# --- issue 10 item 2: top-k by rank, thresholds and crops refused before scoring ------------------------------------
+
+def test_topk_flags_exactly_k_on_ties_earlier_first():
+    # The issue's case: 9 identical copies of one poisoned sample among 40 rows, topk:0.1 -> 4 flagged, not 1.
+    x = np.concatenate([np.linspace(0.2, 0.5, 31), np.full(9, 0.84)])
+    x[5] = 0.9   # one clean sample above them
+    th = topk_threshold(x, 0.1)
+    flags = th.flags(x)
+    assert flags.sum() == 4 and th.k == 4
+    assert flags[5] and flags[31:34].all() and not flags[34:].any()   # ties: the earlier copies first
+    assert th.details["tied_unflagged"] == 6 and "6 more tie the cut" in th.reason
+    assert "ties the top-4 cut" in th.explain(0.84, False) and "top 4" in th.explain(0.84, True)
+    # NaN (unscorable) samples are never flagged and do not count.
+    y = np.concatenate([[np.nan, np.nan], np.full(10, 0.5)])
+    assert topk_threshold(y[np.isfinite(y)], 0.3).flags(y).tolist() == [False] * 2 + [True] * 3 + [False] * 7
+    every = topk_threshold(np.full(10, 0.5), 1.0)
+    assert every.flags(np.full(10, 0.5)).all()
+
+
+@pytest.mark.parametrize("text, why", [
+    ("nan", "finite"), ("inf", "finite"), ("-inf", "finite"), ("NaN", "finite"), ("median", "use one of"),
+    ("", "use one of"), ("topk", "needs the poison ratio"), ("topk:", "not a number"), ("topk:x", "not a number"),
+    ("topk:nan", r"\[0, 1\]"), ("topk:1.5", r"\[0, 1\]"), ("topk:-0.1", r"\[0, 1\]"),
+])
+def test_bad_thresholds_are_refused_in_one_line(text, why):
+    with pytest.raises(ValueError, match=why) as err:
+        parse_threshold(text)
+    assert "\n" not in str(err.value)
+    if why == "finite":   # the API refuses it too, not only the command line
+        with pytest.raises(ValueError, match="finite"):
+            choose_threshold([0.1, 0.9], text)
+
+
+def test_threshold_option_is_checked_when_the_arguments_are_parsed(capsys):
+    from tensorguard_fast.backdoor.command import scan_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        scan_parser().parse_args(["--model", "m", "--data", "d.jsonl", "--out", "o", "--threshold", "nan"])
+    assert exit_.value.code == 2 and "a fixed threshold must be a finite number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        scan_parser().parse_args(["--model", "m", "--data", "d.jsonl", "--out", "o", "--crop", "0"])
+    args = scan_parser().parse_args(["--model", "m", "--data", "d.jsonl", "--out", "o", "--threshold", "topk:0.1",
+                                     "--prompt-field", "ask", "--answer-field", "reply"])
+    assert (args.threshold, args.prompt_field, args.answer_field) == ("topk:0.1", "ask", "reply")
+
+
+def test_a_crop_beyond_the_lm_head_is_an_error():
+    import torch
+
+    from tensorguard_fast.ops.fft_entropy import fft_entropy_from_hidden
+    from tensorguard_fast.ops.gram_entropy import gram_spectrum_from_hidden
+
+    hidden, weight = torch.randn(1, 4, 16), torch.randn(64, 16)
+    targets = torch.tensor([[-100, 3, 5, 7]])
+    gram_spectrum_from_hidden(hidden, weight, targets, crop=16)   # keeps 4 rows and 1 column: fine
+    for op in (gram_spectrum_from_hidden, fft_entropy_from_hidden):
+        with pytest.raises(ValueError, match="crop 17 leaves no gradient to score: the lm_head is 64 x 16"):
+            op(hidden, weight, targets, crop=17)

@@ -129,8 +129,10 @@ def _where(source: readers.Source, row: readers.Row) -> str:
 
 def _assign_ids(source: readers.Source, samples: List[Sample]) -> None:
     def own(s):
-        value = s.record.get("id") if isinstance(s.record, dict) and not s.problem else None
-        return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+        value = s.record.get("id") if isinstance(s.record, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or bad_text(value):
+            return None   # not an id, or one that cannot be written as UTF-8
+        return value
 
     taken = {own(s) for s in samples} - {None}
     used = set()
