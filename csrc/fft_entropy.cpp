@@ -16,9 +16,9 @@
 namespace tgf {
 namespace {
 
+// Power and entropy sums of one row; inlined into one build per instruction set, picked per call (common.h).
 template <typename T>
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void row_sums(const T* re_im, int64_t len, double& s, double& splnp, int64_t& bad) {
+TGF_ALWAYS_INLINE void row_sums(const T* re_im, int64_t len, double& s, double& splnp, int64_t& bad) {
   double a = 0, b = 0, nb = 0;
 #pragma omp simd reduction(+ : a, b, nb)
   for (int64_t j = 0; j < len; ++j) {
@@ -36,7 +36,17 @@ void row_sums(const T* re_im, int64_t len, double& s, double& splnp, int64_t& ba
 }
 
 template <typename T>
+using RowSums = void (*)(const T*, int64_t, double&, double&, int64_t&);
+template <typename T>
+TGF_TARGET_AVX512 void row_sums_avx512(const T* x, int64_t n, double& s, double& p, int64_t& b) { row_sums(x, n, s, p, b); }
+template <typename T>
+TGF_TARGET_AVX2 void row_sums_avx2(const T* x, int64_t n, double& s, double& p, int64_t& b) { row_sums(x, n, s, p, b); }
+template <typename T>
+void row_sums_default(const T* x, int64_t n, double& s, double& p, int64_t& b) { row_sums(x, n, s, p, b); }
+
+template <typename T>
 PowerSums run(const T* data, int64_t rows, int64_t cols, int64_t row_stride, const int64_t* limit, int nthreads) {
+  const RowSums<T> f = pick_isa<RowSums<T>>(row_sums_avx512<T>, row_sums_avx2<T>, row_sums_default<T>);
   std::vector<PowerSums> parts(std::max(1, nthreads));
   int t = static_cast<int>(parts.size());
   if (rows * cols < (1 << 16)) t = 1;
@@ -52,7 +62,7 @@ PowerSums run(const T* data, int64_t rows, int64_t cols, int64_t row_stride, con
     int tid = 0;
 #endif
     PowerSums& p = parts[tid];
-    row_sums<T>(data + 2 * r * row_stride, len, p.s, p.splnp, p.nonfinite);
+    f(data + 2 * r * row_stride, len, p.s, p.splnp, p.nonfinite);
   }
   PowerSums out;
   for (auto& p : parts) { out.s += p.s; out.splnp += p.splnp; out.nonfinite += p.nonfinite; }

@@ -24,7 +24,7 @@ namespace {
 // below vectorise (glibc's expf is a scalar call there): x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite split of
 // ln2), e^r by its degree-7 Taylor polynomial (truncation < 6e-9 relative, under float's 6e-8 rounding), 2^k from
 // the exponent bits. x below -87 (e^x under float's normal range) gives 0, which is what it adds to any sum here.
-inline float exp_le0(float x) {
+TGF_ALWAYS_INLINE float exp_le0(float x) {
   const float xc = std::max(x, -87.0f);
   const float k = std::floor(xc * 1.44269504088896341f + 0.5f);
   const float r = (xc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
@@ -46,55 +46,72 @@ int threads_for(int64_t work, int nthreads) {
 }
 }  // namespace
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+namespace {
+// One row of logsumexp_update / crop_error_rows. Inlined into one build per instruction set (below); the kernels
+// pick the build once per call (common.h: isa_level, TGF_NO_AVX512).
+TGF_ALWAYS_INLINE void lse_row(const float* row, int64_t cols, double& m, double& s, int64_t& bad) {
+  const float kMax = std::numeric_limits<float>::max();
+  float mx = -kMax;
+  int64_t nb = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : nb)
+  for (int64_t j = 0; j < cols; ++j) {
+    float v = row[j];
+    bool fin = std::fabs(v) <= kMax;  // false for inf and nan
+    mx = fin ? std::max(mx, v) : mx;
+    nb += fin ? 0 : 1;
+  }
+  const double m_new = std::max(m, static_cast<double>(mx));
+  const float mf = static_cast<float>(m_new);
+  // exp in float on (z - m) <= 0: relative error ~2e-7 per term; the sum is carried in double.
+  double acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < cols; ++j) {
+    float v = row[j];
+    bool fin = std::fabs(v) <= kMax;
+    acc += fin ? static_cast<double>(exp_le0(v - mf)) : 0.0;
+  }
+  // (v - mf) in float drops the sub-ulp part of m_new; correct the sum by exp(mf - m_new) so lse stays exact.
+  acc *= std::exp(static_cast<double>(mf) - m_new);
+  s = s * std::exp(m - m_new) + acc;
+  m = m_new;
+  bad += nb;
+}
+
+TGF_ALWAYS_INLINE void error_row(float* row, int64_t cols, double lse) {
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) row[j] = exp_le0(static_cast<float>(static_cast<double>(row[j]) - lse));
+}
+
+using LseRow = void (*)(const float*, int64_t, double&, double&, int64_t&);
+using ErrorRow = void (*)(float*, int64_t, double);
+TGF_TARGET_AVX512 void lse_row_avx512(const float* r, int64_t c, double& m, double& s, int64_t& b) { lse_row(r, c, m, s, b); }
+TGF_TARGET_AVX2 void lse_row_avx2(const float* r, int64_t c, double& m, double& s, int64_t& b) { lse_row(r, c, m, s, b); }
+void lse_row_default(const float* r, int64_t c, double& m, double& s, int64_t& b) { lse_row(r, c, m, s, b); }
+TGF_TARGET_AVX512 void error_row_avx512(float* r, int64_t c, double l) { error_row(r, c, l); }
+TGF_TARGET_AVX2 void error_row_avx2(float* r, int64_t c, double l) { error_row(r, c, l); }
+void error_row_default(float* r, int64_t c, double l) { error_row(r, c, l); }
+}  // namespace
+
 void logsumexp_update(const float* z, int64_t rows, int64_t cols, int64_t row_stride, double* m, double* s,
                       int64_t* bad, int nthreads) {
-  const float kMax = std::numeric_limits<float>::max();
+  const LseRow f = pick_isa<LseRow>(lse_row_avx512, lse_row_avx2, lse_row_default);
   const int t = threads_for(rows * cols, nthreads);
 #ifdef TGF_HAVE_OPENMP
 #pragma omp parallel for num_threads(t) schedule(static)
 #endif
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = z + r * row_stride;
-    float mx = -kMax;
-    int64_t nb = 0;
-#pragma omp simd reduction(max : mx) reduction(+ : nb)
-    for (int64_t j = 0; j < cols; ++j) {
-      float v = row[j];
-      bool fin = std::fabs(v) <= kMax;  // false for inf and nan
-      mx = fin ? std::max(mx, v) : mx;
-      nb += fin ? 0 : 1;
-    }
-    const double m_new = std::max(m[r], static_cast<double>(mx));
-    const float mf = static_cast<float>(m_new);
-    // exp in float on (z - m) <= 0: relative error ~2e-7 per term; the sum is carried in double.
-    double acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < cols; ++j) {
-      float v = row[j];
-      bool fin = std::fabs(v) <= kMax;
-      acc += fin ? static_cast<double>(exp_le0(v - mf)) : 0.0;
-    }
-    // (v - mf) in float drops the sub-ulp part of m_new; correct the sum by exp(mf - m_new) so lse stays exact.
-    acc *= std::exp(static_cast<double>(mf) - m_new);
-    s[r] = s[r] * std::exp(m[r] - m_new) + acc;
-    m[r] = m_new;
-    bad[r] += nb;
-  }
+  for (int64_t r = 0; r < rows; ++r) f(z + r * row_stride, cols, m[r], s[r], bad[r]);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
 void crop_error_rows(float* z, int64_t rows, int64_t cols, int64_t row_stride, const double* lse,
                      const int64_t* labels, int nthreads) {
+  const ErrorRow f = pick_isa<ErrorRow>(error_row_avx512, error_row_avx2, error_row_default);
   const int t = threads_for(rows * cols, nthreads);
 #ifdef TGF_HAVE_OPENMP
 #pragma omp parallel for num_threads(t) schedule(static)
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     float* row = z + r * row_stride;
-    const double m = lse[r];
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) row[j] = exp_le0(static_cast<float>(static_cast<double>(row[j]) - m));
+    f(row, cols, lse[r]);
     const int64_t y = labels[r];
     if (y >= 0 && y < cols) row[y] -= 1.0f;  // the target's column is outside the crop for most tokens
   }

@@ -1,6 +1,7 @@
 // moments: one read of a tensor -> count, mean, central sums M2..M4, min, max, L1, sum of squares, non-finite count.
 //
-// The tensor is cut into chunks, each read once in float64 (see reduce_chunk). Chunks, then threads, are combined with the pairwise update of Chan et al. / Terriberry for M2..M4, which is stable
+// The tensor is cut into chunks of 4096 values, each read once (see reduce_chunk; bf16/fp16 chunks accumulate in
+// float32 blocks on AVX-512, see moments_avx512.h). Chunks, then threads, are combined with the pairwise update of Chan et al. / Terriberry for M2..M4, which is stable
 // whatever the magnitudes. Non-finite elements are counted and excluded from every other statistic.
 #include <algorithm>
 #include <cstdlib>
@@ -37,15 +38,6 @@ void MomentState::merge(const MomentState& b) {
 
 namespace {
 
-// TGF_NO_AVX512=1 forces the portable loop (tests compare both paths).
-bool avx512_disabled() {
-  static const bool off = [] {
-    const char* v = std::getenv("TGF_NO_AVX512");
-    return v && v[0] == '1';
-  }();
-  return off;
-}
-
 constexpr int64_t kChunk = 4096;
 
 template <int DT>
@@ -57,9 +49,6 @@ inline double load(const void* p, int64_t i) {
   return 0.0;
 }
 
-// One chunk in one pass: power sums of d = x - c for a shift c close to the mean (the running mean of the
-// previous chunks), turned into central sums exactly. With |c - mean| of the order of the spread, the corrections
-// cost no precision in float64 (the "shifted data" algorithm), and the chunk is read once with no scratch buffer.
 // Power sums of one chunk about a shift c (portable loop; the AVX-512 twin is in moments_avx512.h).
 // A non-finite x is replaced by the shift c: it then adds exactly 0 to s1..s4, |c| to l1 (taken back below) and
 // cannot move min/max (c lies inside the range already merged, or inside this chunk's finite values). One blend
@@ -69,8 +58,7 @@ struct Sums {
 };
 
 template <int DT>
-__attribute__((target_clones("avx2", "default")))
-Sums chunk_portable(const void* data, int64_t begin, int64_t len, double c) {
+TGF_ALWAYS_INLINE Sums chunk_portable_body(const void* data, int64_t begin, int64_t len, double c) {
   double s1 = 0, s2 = 0, s3 = 0, s4 = 0, bad = 0, l1 = 0;
   double mn = std::numeric_limits<double>::infinity(), mx = -mn;
 #pragma omp simd reduction(+ : s1, s2, s3, s4, bad, l1) reduction(min : mn) reduction(max : mx)
@@ -92,15 +80,37 @@ Sums chunk_portable(const void* data, int64_t begin, int64_t len, double c) {
   return {c, s1, s2, s3, s4, l1, bad, mn, mx};
 }
 
-inline bool cpu_has_avx512() {
+// The portable loop, built for AVX2 and for the baseline; TGF_NO_AVX512=1 selects it on AVX-512 machines too.
+template <int DT>
+TGF_TARGET_AVX2 Sums chunk_portable_avx2(const void* d, int64_t b, int64_t n, double c) {
+  return chunk_portable_body<DT>(d, b, n, c);
+}
+template <int DT>
+Sums chunk_portable_default(const void* d, int64_t b, int64_t n, double c) {
+  return chunk_portable_body<DT>(d, b, n, c);
+}
+
+template <int DT>
+Sums chunk_sums(const void* data, int64_t begin, int64_t len, double c) {
+  const int isa = isa_level();
 #ifdef TGF_HAVE_AVX512_PATH
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
+  if (DT != F64 && isa == ISA_AVX512) {
+    ChunkSums a;
+    bool ok = false;
+    if constexpr (DT == BF16 || DT == F16) {
+      // float32 blocks (docs/methods.md: error <= ~13 u of the sums of |terms|, u = 2^-24), at most one retry
+      // about the chunk mean; otherwise float64
+      double retry = 0;
+      ok = chunk_f32acc<DT>(data, begin, len, c, a, retry);
+      if (!ok && std::isfinite(retry)) ok = chunk_f32acc<DT>(data, begin, len, retry, a, retry);
+    }
+    if (!ok) ok = chunk_f64<DT>(data, begin, len, c, a);
+    if (!ok) a = chunk_exact<DT>(data, begin, len, c);
+    return {a.c, a.s1, a.s2, a.s3, a.s4, a.l1, a.bad, a.mn, a.mx};
+  }
 #endif
+  return isa == ISA_DEFAULT ? chunk_portable_default<DT>(data, begin, len, c)
+                            : chunk_portable_avx2<DT>(data, begin, len, c);
 }
 
 // One chunk in one pass: power sums of d = x - c for a shift c close to the mean (the running mean of the
@@ -108,17 +118,7 @@ inline bool cpu_has_avx512() {
 // cost no precision in float64 (the "shifted data" algorithm), and the chunk is read once with no scratch buffer.
 template <int DT>
 void reduce_chunk(const void* data, int64_t begin, int64_t len, double c, MomentState& out) {
-  Sums r;
-#ifdef TGF_HAVE_AVX512_PATH
-  if (DT != F64 && cpu_has_avx512() && !avx512_disabled()) {
-    ChunkSums a = chunk_avx512<DT>(data, begin, len, c);
-    r = {a.c, a.s1, a.s2, a.s3, a.s4, a.l1, a.bad, a.mn, a.mx};
-  } else {
-    r = chunk_portable<DT>(data, begin, len, c);
-  }
-#else
-  r = chunk_portable<DT>(data, begin, len, c);
-#endif
+  const Sums r = chunk_sums<DT>(data, begin, len, c);
   c = r.c;
   const double bad = r.bad, cnt = static_cast<double>(len) - bad;
   const double s1 = r.s1, s2 = r.s2, s3 = r.s3, s4 = r.s4;

@@ -1,6 +1,17 @@
-// AVX-512 body of moments' chunk reduction for fp32 / bf16 / fp16 inputs (see reduce_chunk in moments.cpp for the
-// algorithm). Written with intrinsics because GCC's vectorisation of the portable loop spills its eleven
-// accumulators to the stack and converts bf16/fp16 poorly. Compiled with a target attribute, chosen at run time.
+// AVX-512 bodies of moments' chunk reduction for fp32 / bf16 / fp16 inputs (see reduce_chunk in moments.cpp for the
+// algorithm and docs/methods.md, "One-pass moments", for the error bounds). Written with intrinsics because GCC's
+// vectorisation of the portable loop spills its eleven accumulators to the stack and converts bf16/fp16 poorly.
+// Compiled with a target attribute, chosen at run time (common.h: isa_level).
+//
+// Three chunk bodies, fastest first; each fast one reports when it cannot vouch for its result and the caller then
+// reruns the chunk (4096 values, still in L1/L2) with the next:
+//  - chunk_f32acc (bf16, fp16): power sums of d = x - c accumulated in float32 for kFlush steps of 16 lanes (128
+//    values), then added into float64 totals. Refused when the chunk holds a non-finite value, when its largest |d|
+//    leaves [2^-28, 2^28] (d^4 would under/overflow float32), or when the chunk mean is farther than half a chunk
+//    standard deviation from the shift c (the central sums would cancel); the caller retries with c = chunk mean.
+//  - chunk_f64 (fp32, and the fallback of the above): float64 accumulation, no per-element finiteness test: a
+//    non-finite value makes the L1 total non-finite, and the chunk is refused.
+//  - chunk_exact: float64 accumulation with a per-element mask: non-finite values are counted and skipped.
 #pragma once
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -9,6 +20,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+
+#include "common.h"
 
 #define TGF_HAVE_AVX512_PATH 1
 
@@ -20,14 +33,34 @@ struct ChunkSums {
 };
 
 template <int DT>
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c"))) inline __m512 load16(const void* p, int64_t i) {
+TGF_TARGET_AVX512 TGF_ALWAYS_INLINE __m512 load16(const void* p, int64_t i) {
   if constexpr (DT == 0) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
   if constexpr (DT == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   return _mm512_cvtph_ps(h);
 }
 
-#define TGF_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c")))
+// The rem < 16 values at i, the shift c in the other lanes (masked loads never touch memory past the end).
+template <int DT>
+TGF_TARGET_AVX512 TGF_ALWAYS_INLINE __m512 load_tail(const void* p, int64_t i, int64_t rem, __m512 cf) {
+  const __mmask16 m = static_cast<__mmask16>((1u << rem) - 1u);
+  if constexpr (DT == 0) return _mm512_mask_loadu_ps(cf, m, static_cast<const float*>(p) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
+  __m512 x;
+  if constexpr (DT == 1) {
+    x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    x = _mm512_cvtph_ps(h);
+  }
+  return _mm512_mask_blend_ps(m, cf, x);
+}
+
+TGF_TARGET_AVX512 TGF_ALWAYS_INLINE __m512d lo8(__m512 x) { return _mm512_cvtps_pd(_mm512_castps512_ps256(x)); }
+TGF_TARGET_AVX512 TGF_ALWAYS_INLINE __m512d hi8(__m512 x) {
+  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+}
+
+// --- chunk_exact: float64, per-element finiteness mask ------------------------------------------------------------
 
 // Accumulators of one chunk: two sets (low and high 8 lanes of each 16-float load) for instruction-level parallelism.
 struct Avx512Acc {
@@ -35,7 +68,7 @@ struct Avx512Acc {
   __m512 mn, mx, cf, fmax;
   int64_t bad;
 
-  TGF_AVX512 explicit Avx512Acc(double c) {
+  TGF_TARGET_AVX512 explicit Avx512Acc(double c) {
     cd = _mm512_set1_pd(c);
     cf = _mm512_set1_ps(static_cast<float>(c));
     fmax = _mm512_set1_ps(std::numeric_limits<float>::max());
@@ -45,15 +78,19 @@ struct Avx512Acc {
     bad = 0;
   }
 
-  TGF_AVX512 inline __attribute__((always_inline)) void step(__m512 x, __mmask16 valid) {
-    // finite: |x| <= FLT_MAX (false for inf and nan); others become the shift, which adds 0 to s1..s4.
-    __mmask16 fin = _mm512_mask_cmp_ps_mask(valid, _mm512_abs_ps(x), fmax, _CMP_LE_OQ);
-    bad += __builtin_popcount(static_cast<unsigned>(valid & ~fin));
-    __m512 xs = _mm512_mask_blend_ps(fin, cf, x);
+  // masked: non-finite lanes (and lanes outside `valid`) become the shift, which adds 0 to s1..s4
+  template <bool kMasked>
+  TGF_TARGET_AVX512 TGF_ALWAYS_INLINE void step(__m512 x, __mmask16 valid) {
+    __m512 xs = x;
+    if constexpr (kMasked) {
+      // finite: |x| <= FLT_MAX (false for inf and nan)
+      __mmask16 fin = _mm512_mask_cmp_ps_mask(valid, _mm512_abs_ps(x), fmax, _CMP_LE_OQ);
+      bad += __builtin_popcount(static_cast<unsigned>(valid & ~fin));
+      xs = _mm512_mask_blend_ps(fin, cf, x);
+    }
     mn = _mm512_min_ps(mn, xs);
     mx = _mm512_max_ps(mx, xs);
-    __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(xs));
-    __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(xs), 1)));
+    __m512d lo = lo8(xs), hi = hi8(xs);
     l1a = _mm512_add_pd(l1a, _mm512_abs_pd(lo));
     l1b = _mm512_add_pd(l1b, _mm512_abs_pd(hi));
     __m512d da = _mm512_sub_pd(lo, cd), db = _mm512_sub_pd(hi, cd);
@@ -67,43 +104,130 @@ struct Avx512Acc {
     s4a = _mm512_fmadd_pd(da2, da2, s4a);
     s4b = _mm512_fmadd_pd(db2, db2, s4b);
   }
+
+  TGF_TARGET_AVX512 ChunkSums finish(double c, double pad) const {
+    ChunkSums out;
+    out.c = c;
+    out.s1 = _mm512_reduce_add_pd(_mm512_add_pd(s1a, s1b));
+    out.s2 = _mm512_reduce_add_pd(_mm512_add_pd(s2a, s2b));
+    out.s3 = _mm512_reduce_add_pd(_mm512_add_pd(s3a, s3b));
+    out.s4 = _mm512_reduce_add_pd(_mm512_add_pd(s4a, s4b));
+    out.l1 = _mm512_reduce_add_pd(_mm512_add_pd(l1a, l1b)) - pad * std::fabs(c);
+    out.bad = static_cast<double>(bad);
+    out.mn = _mm512_reduce_min_ps(mn);
+    out.mx = _mm512_reduce_max_ps(mx);
+    return out;
+  }
 };
 
-template <int DT>
-TGF_AVX512 ChunkSums chunk_avx512(const void* data, int64_t begin, int64_t len, double c) {
+template <int DT, bool kMasked>
+TGF_TARGET_AVX512 ChunkSums chunk_f64_body(const void* data, int64_t begin, int64_t len, double c) {
   c = static_cast<double>(static_cast<float>(c));
   Avx512Acc acc(c);
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16) acc.step(load16<DT>(data, begin + i), 0xFFFF);
+  for (; i + 16 <= len; i += 16) acc.step<kMasked>(load16<DT>(data, begin + i), 0xFFFF);
   double pad = 0;
   if (i < len) {
     // Tail: pad with the shift (adds nothing to s1..s4) and mask the padding out of the finite count.
-    alignas(64) float tail[16];
-    for (int j = 0; j < 16; ++j) tail[j] = static_cast<float>(c);
-    for (int64_t j = 0; i + j < len; ++j) {
-      if constexpr (DT == 0) {
-        tail[j] = static_cast<const float*>(data)[begin + i + j];
-      } else if constexpr (DT == 1) {
-        uint32_t b = uint32_t(static_cast<const uint16_t*>(data)[begin + i + j]) << 16;
-        std::memcpy(&tail[j], &b, 4);
-      } else {
-        tail[j] = _cvtsh_ss(static_cast<const uint16_t*>(data)[begin + i + j]);
-      }
-    }
     pad = static_cast<double>(16 - (len - i));
-    acc.step(_mm512_load_ps(tail), static_cast<__mmask16>((1u << (len - i)) - 1u));
+    acc.step<true>(load_tail<DT>(data, begin + i, len - i, acc.cf), static_cast<__mmask16>((1u << (len - i)) - 1u));
   }
-  ChunkSums out;
-  out.c = c;
-  out.s1 = _mm512_reduce_add_pd(_mm512_add_pd(acc.s1a, acc.s1b));
-  out.s2 = _mm512_reduce_add_pd(_mm512_add_pd(acc.s2a, acc.s2b));
-  out.s3 = _mm512_reduce_add_pd(_mm512_add_pd(acc.s3a, acc.s3b));
-  out.s4 = _mm512_reduce_add_pd(_mm512_add_pd(acc.s4a, acc.s4b));
-  out.l1 = _mm512_reduce_add_pd(_mm512_add_pd(acc.l1a, acc.l1b)) - pad * std::fabs(c);
-  out.bad = static_cast<double>(acc.bad);
+  return acc.finish(c, pad);
+}
+
+template <int DT>
+TGF_TARGET_AVX512 ChunkSums chunk_exact(const void* data, int64_t begin, int64_t len, double c) {
+  return chunk_f64_body<DT, true>(data, begin, len, c);
+}
+
+// false when the chunk holds a non-finite value (the caller reruns it with chunk_exact)
+template <int DT>
+TGF_TARGET_AVX512 bool chunk_f64(const void* data, int64_t begin, int64_t len, double c, ChunkSums& out) {
+  out = chunk_f64_body<DT, false>(data, begin, len, c);
+  return out.bad == 0 && std::isfinite(out.l1);
+}
+
+// --- chunk_f32acc: float32 blocks of kFlush x 16 values, float64 totals ----------------------------------------
+
+constexpr int kFlush = 8;  // 16-lane steps per float32 block: each lane sums at most 8 terms in float32
+
+struct Avx512AccF32 {
+  __m512 f1, f2, f3, f4, fl, cf, mn, mx;
+  __m512d d1, d2, d3, d4, dl;
+
+  TGF_TARGET_AVX512 explicit Avx512AccF32(float c) {
+    cf = _mm512_set1_ps(c);
+    f1 = f2 = f3 = f4 = fl = _mm512_setzero_ps();
+    d1 = d2 = d3 = d4 = dl = _mm512_setzero_pd();
+    mn = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+    mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  }
+
+  TGF_TARGET_AVX512 TGF_ALWAYS_INLINE void step(__m512 x) {
+    mn = _mm512_min_ps(mn, x);
+    mx = _mm512_max_ps(mx, x);
+    fl = _mm512_add_ps(fl, _mm512_abs_ps(x));
+    const __m512 d = _mm512_sub_ps(x, cf);
+    const __m512 d2 = _mm512_mul_ps(d, d);
+    f1 = _mm512_add_ps(f1, d);
+    f2 = _mm512_add_ps(f2, d2);
+    f3 = _mm512_fmadd_ps(d2, d, f3);
+    f4 = _mm512_fmadd_ps(d2, d2, f4);
+  }
+
+  TGF_TARGET_AVX512 TGF_ALWAYS_INLINE static void flush1(__m512& f, __m512d& d) {
+    d = _mm512_add_pd(d, _mm512_add_pd(lo8(f), hi8(f)));
+    f = _mm512_setzero_ps();
+  }
+
+  TGF_TARGET_AVX512 TGF_ALWAYS_INLINE void flush() {
+    flush1(f1, d1);
+    flush1(f2, d2);
+    flush1(f3, d3);
+    flush1(f4, d4);
+    flush1(fl, dl);
+  }
+};
+
+// false when the chunk must be rerun (non-finite value, |d| out of float32's safe range, or c far from the chunk
+// mean; `retry_shift` then holds the chunk mean when a second try with it can succeed, NaN otherwise)
+template <int DT>
+TGF_TARGET_AVX512 bool chunk_f32acc(const void* data, int64_t begin, int64_t len, double c, ChunkSums& out,
+                                    double& retry_shift) {
+  const float cf = static_cast<float>(c);
+  Avx512AccF32 acc(cf);
+  int64_t i = 0;
+  while (i + 16 <= len) {
+    const int64_t stop = std::min<int64_t>(len - 15, i + 16 * kFlush);
+    for (; i < stop; i += 16) acc.step(load16<DT>(data, begin + i));
+    acc.flush();
+  }
+  double pad = 0;
+  if (i < len) {
+    pad = static_cast<double>(16 - (len - i));
+    acc.step(load_tail<DT>(data, begin + i, len - i, acc.cf));
+    acc.flush();
+  }
+  out.c = cf;
+  out.s1 = _mm512_reduce_add_pd(acc.d1);
+  out.s2 = _mm512_reduce_add_pd(acc.d2);
+  out.s3 = _mm512_reduce_add_pd(acc.d3);
+  out.s4 = _mm512_reduce_add_pd(acc.d4);
+  out.l1 = _mm512_reduce_add_pd(acc.dl) - pad * std::fabs(static_cast<double>(cf));
+  out.bad = 0;
   out.mn = _mm512_reduce_min_ps(acc.mn);
   out.mx = _mm512_reduce_max_ps(acc.mx);
-  return out;
+  retry_shift = std::numeric_limits<double>::quiet_NaN();
+  // a non-finite input makes l1 (and s4) non-finite; NaN fails every comparison below as well
+  if (!(std::isfinite(out.l1) && std::isfinite(out.s4) && out.mn <= out.mx)) return false;
+  const double dmax = std::max(out.mx - out.c, out.c - out.mn);
+  if (dmax > 0x1p28 || (dmax > 0 && dmax < 0x1p-28)) return false;
+  const double n = static_cast<double>(len), a = out.s1 / n, m2 = out.s2 - out.s1 * a;
+  if (a * a * n > 0.25 * m2) {  // |chunk mean - c| > std / 2 (or no spread at all around a far shift)
+    retry_shift = out.c + a;
+    return false;
+  }
+  return true;
 }
 
 }  // namespace tgf
