@@ -1,7 +1,10 @@
 """Many-model fingerprinting into a FingerprintStore: workers, failures recorded per model, reruns skip."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from safetensors.torch import load_file, save_file
 
 from lineage_models import save_tiny
 from tensorguard_fast.lineage.many import fingerprint_many, model_list
@@ -55,3 +58,18 @@ def test_cli_list_file_and_torchrun_ranks(tmp_path):
     assert "failed: " in out.stdout and "broken.safetensors" in out.stdout
     with FingerprintStore(db) as store:
         assert sorted(r["model"] for r in store.list()) == ["m0", "m1", "m2"]
+
+
+def test_an_edited_copy_is_not_skipped(tmp_path):
+    """Skips key on whole-file digests: a copy with one weight changed deep in the file is fingerprinted again."""
+    reg = tmp_path / "registry"
+    original = save_tiny(reg / "a", seed=0, hidden=256, vocab=4096)
+    shutil.copytree(original, reg / "b")
+    state = load_file(str(original / "model.safetensors"))
+    key = "model.layers.2.mlp.down_proj.weight"
+    state[key][100, 7] += 1e-3
+    save_file(state, str(reg / "b" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(original, reg / "c")  # a byte-identical copy: skipped
+    db = str(tmp_path / "fp.db")
+    results = fingerprint_many(model_list(str(reg)), db, profile="tensorguard", progress=False)
+    assert [r["status"] for r in results] == ["done", "done", "skipped"]

@@ -133,12 +133,15 @@ def cmd_classify(args) -> int:
     clf = FamilyClassifier(bases, method=args.method, open_set=not args.closed_set, threshold=args.threshold)
     preds = clf.fit_predict(fps)
     rows = [p.as_dict() for p in preds]
+    report = {"method": args.method, "threshold": clf.threshold_used, "bases": list(bases), "predictions": rows}
+    if args.json == "-":   # --json alone: JSON instead of the table
+        print(json.dumps(report, indent=1))
+        return 0
     print(f"{'model':<32} {'family':<16} {'distance':>10} {'margin':>10}  nearest")
     for p in preds:
         print(f"{p.model[:32]:<32} {p.family[:16]:<16} {p.distance:>10.4g} {p.margin:>10.4g}  {p.nearest}")
     if clf.open_set:
         print(f"(open set: unknown beyond distance {clf.threshold_used:.4g}; method {args.method})")
-    report = {"method": args.method, "threshold": clf.threshold_used, "bases": list(bases), "predictions": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
@@ -217,7 +220,8 @@ def register(subparsers) -> None:
     p.add_argument("--method", choices=("kmeans", "nearest"), default="kmeans")
     p.add_argument("--closed-set", action="store_true", help="never answer 'unknown'")
     p.add_argument("--threshold", type=float, default=None, help="open-set radius (default: calibrated)")
-    p.add_argument("--json", metavar="FILE", help="also write the predictions as JSON")
+    p.add_argument("--json", metavar="FILE", nargs="?", const="-",
+                   help="print the predictions as JSON instead of the table; --json FILE: also write them to FILE")
     _common(p)
     p.set_defaults(func=cmd_classify)
 

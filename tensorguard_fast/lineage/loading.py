@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .sources import (SAFETENSORS_ITEMSIZE, FiniteChecked, ModelLoadError, NonFiniteWeights,  # noqa: F401
-                      SafetensorsSource, StateDictSource, WeightSource, read_safetensors_header)
+                      SafetensorsSource, StateDictSource, WeightSource, first_line, read_safetensors_header)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _PATH_SUFFIXES = (".safetensors", ".gguf", ".json", ".npz", ".h5", ".onnx", ".msgpack") + PICKLE_SUFFIXES
@@ -90,9 +90,15 @@ def _pickled(path: Path, allow_pickle: bool) -> StateDictSource:
                              f"Prefer safetensors, or pass allow_pickle=True (CLI: --allow-pickle) to load it with "
                              f"torch.load(weights_only=True).")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except Exception as exc:
-        raise ModelLoadError(f"{path}: torch.load(weights_only=True) refused or failed ({exc})") from exc
+        raise ModelLoadError(f"{path}: torch.load(weights_only=True) refused or failed "
+                             f"({type(exc).__name__}: {first_line(exc)})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -109,7 +115,7 @@ def _gguf(path: Path) -> StateDictSource:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:
         raise ModelLoadError(f"{path}: transformers could not read this GGUF file ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+                             f"{first_line(exc)})") from exc
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = model.state_dict()
     if tied:
@@ -158,7 +164,7 @@ def _hub(model_id: str, allow_pickle: bool, base: Optional[str]) -> WeightSource
         local = snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
                                   local_files_only=offline)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else ""
+        reason = first_line(exc)
         raise ModelLoadError(f"{model_id}: no such file or directory, and not a Hugging Face hub id that could be "
                              f"resolved (offline or unknown: {type(exc).__name__}: {reason})") from exc
     src = _directory(Path(local), allow_pickle, base)

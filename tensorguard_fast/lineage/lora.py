@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .sources import ModelLoadError, SafetensorsSource, WeightSource
+from .sources import ModelLoadError, SafetensorsSource, WeightSource, first_line
 
 # adapter_config keys that change what a merge means; set, they are refused (peft variants we do not reproduce)
 _REFUSED_OPTIONS = ("lora_bias", "layer_replication", "target_parameters", "alora_invocation_tokens", "use_qalora",
@@ -44,7 +44,8 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelLoadError(f"{path}: not a readable adapter config ({type(exc).__name__}: {exc})") from exc
+        raise ModelLoadError(f"{path}: not a readable adapter config ({type(exc).__name__}: {first_line(exc)})") \
+            from exc
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path}: not a PEFT adapter config (a JSON object was expected)")
     peft_type = str(config.get("peft_type", "LORA")).upper()

@@ -57,6 +57,11 @@ class WeightSource:
         return self.path or self.name
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an error's text: messages we wrap stay one line."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+
+
 def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -74,7 +79,8 @@ def read_safetensors_header(path: Path) -> dict:
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise ModelLoadError(f"{path}: corrupt safetensors header ({type(exc).__name__}: {exc})") from exc
+            raise ModelLoadError(f"{path}: corrupt safetensors header ({type(exc).__name__}: {first_line(exc)})") \
+                from exc
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path}: corrupt safetensors header (a JSON object was expected)")
     data_bytes = size - 8 - n
@@ -142,7 +148,7 @@ class SafetensorsSource(WeightSource):
             try:
                 self._handles.append(safe_open(str(f), framework="pt"))
             except Exception as exc:  # the Rust reader's own errors, made to name the file
-                raise ModelLoadError(f"{f}: safetensors could not open it ({exc})") from exc
+                raise ModelLoadError(f"{f}: safetensors could not open it ({first_line(exc)})") from exc
         self._keys = sorted(self._where)
 
     def keys(self) -> List[str]:
@@ -158,7 +164,8 @@ class SafetensorsSource(WeightSource):
         try:
             return self._handles[self._where[key]].get_tensor(key)
         except Exception as exc:
-            raise ModelLoadError(f"{self.files[self._where[key]]}: tensor {key!r} could not be read ({exc})") from exc
+            raise ModelLoadError(f"{self.files[self._where[key]]}: tensor {key!r} could not be read "
+                                 f"({first_line(exc)})") from exc
 
     def file_hashes(self) -> Dict[str, str]:
         from ..io.digest import file_digest

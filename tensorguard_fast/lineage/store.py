@@ -84,6 +84,7 @@ class FingerprintStore:
     def __init__(self, path: Union[str, Path], readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly
+        self._empty = False  # read-only on a file with no tables at all (e.g. 0 bytes): an empty store
         if readonly and not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such fingerprint store")
         if self.path.is_dir():
@@ -125,7 +126,9 @@ class FingerprintStore:
                 raise StoreError(f"{self.path}: not a tensorguard-fast fingerprint store (table {table} has columns "
                                  f"{sorted(have)}; expected {sorted(expected)})")
             if not have and self.readonly and table == "fingerprints":
-                raise StoreError(f"{self.path}: not a tensorguard-fast fingerprint store (no fingerprints table)")
+                if self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise StoreError(f"{self.path}: not a tensorguard-fast fingerprint store (no fingerprints table)")
+                self._empty = True
 
     def _run(self, sql: str, params=(), commit: bool = False):
         try:
@@ -146,6 +149,8 @@ class FingerprintStore:
         self.close()
 
     def find(self, file_hash: str, profile: str) -> Optional[dict]:
+        if self._empty:
+            return None
         row = self._run("SELECT id, model, path, family FROM fingerprints WHERE file_hash = ? AND profile = ?",
                         (file_hash, profile)).fetchone()
         return dict(zip(("id", "model", "path", "family"), row)) if row else None
@@ -189,6 +194,8 @@ class FingerprintStore:
         return Fingerprint.from_json(row[0])
 
     def list(self, profile: Optional[str] = None) -> List[dict]:
+        if self._empty:
+            return []
         sql = "SELECT id, model, path, profile, family, created FROM fingerprints"
         rows = self._run(sql + (" WHERE profile = ?" if profile else "") + " ORDER BY id",
                          (profile,) if profile else ()).fetchall()
@@ -198,6 +205,8 @@ class FingerprintStore:
         """The k stored fingerprints of the same profile nearest to `fp` (exact; `family.distance`)."""
         from .family import distance
 
+        if self._empty:
+            return []
         rows = self._run("SELECT id, model, path, family, fingerprint FROM fingerprints WHERE profile = ?",
                          (fp.profile,)).fetchall()
         scored = []
@@ -217,7 +226,7 @@ class FingerprintStore:
                   (str(path), profile, str(error), _now()), commit=True)
 
     def failures(self) -> List[dict]:
-        if self.readonly and not self._run("PRAGMA table_info(failures)").fetchall():
+        if self._empty or (self.readonly and not self._run("PRAGMA table_info(failures)").fetchall()):
             return []
         rows = self._run("SELECT path, profile, error, created FROM failures ORDER BY id").fetchall()
         return [dict(zip(("path", "profile", "error", "created"), r)) for r in rows]
