@@ -57,9 +57,13 @@ def render(info: dict) -> str:
 
 
 def main(argv=None) -> int:
-    as_json = argv is not None and "--json" in argv or "--json" in sys.argv[1:]
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tensorguard_fast.info", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
     info = collect()
-    print(json.dumps(info, indent=2) if as_json else render(info))
+    print(json.dumps(info, indent=2) if args.json else render(info))
     return 0
 
 

@@ -60,7 +60,7 @@ def test_store_and_plot(models, tmp_path, capsys):
 def test_bad_file_names_itself(tmp_path, capsys):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
-    assert main(["fingerprint", str(bad), "-o", str(tmp_path)]) == 1
+    assert main(["fingerprint", str(bad), "-o", str(tmp_path)]) == 2   # a user mistake: one line, exit 2
     assert "broken.safetensors" in capsys.readouterr().err
 
 

@@ -45,7 +45,7 @@ def test_two_gloo_ranks_equal_one_process(smollm2_dir, tmp_path):
             assert y["score"] is None and "unreadable" in x["reason"]
         else:
             assert y["score"] == pytest.approx(x["score"], abs=1e-6)
-    for name in ("clean.jsonl", "flagged.jsonl"):
+    for name in ("clean.jsonl", "removed.jsonl"):
         assert (single / name).read_text() == (multi / name).read_text()
     summary = json.loads((multi / "summary.json").read_text())
     assert summary["world_size"] == 2

@@ -31,7 +31,7 @@ def _dataset(tmp_path, n=10):
 
 
 def _outputs(out):
-    return {name: (Path(out) / name).read_text() for name in ("scores.jsonl", "flagged.jsonl", "clean.jsonl")}
+    return {name: (Path(out) / name).read_text() for name in ("scores.jsonl", "removed.jsonl", "clean.jsonl")}
 
 
 def test_scan_writes_every_file(smollm2, tmp_path):
@@ -46,7 +46,7 @@ def test_scan_writes_every_file(smollm2, tmp_path):
     assert broken["flagged"] and broken["score"] is None and "unreadable line 4" in broken["reason"]
     assert empty["flagged"] and empty["score"] is None and "empty answer" in empty["reason"]
     assert "truncated: prompt" in long["reason"] and long["n_answer_tokens"] == 49   # 48 answer tokens + EOS
-    flagged = (out / "flagged.jsonl").read_text().splitlines()
+    flagged = (out / "removed.jsonl").read_text().splitlines()
     clean = (out / "clean.jsonl").read_text().splitlines()
     assert '{"question": "broken line"' in flagged
     assert sorted(flagged + clean) == sorted(lines)               # nothing lost, nothing duplicated

@@ -45,13 +45,29 @@ def threshold_decision(rows: List[Optional[dict]], dataset: Dataset, score: str,
     # (thread scheduling changes the last float64 bits) write byte-identical files.
     values = np.round(compute_scores(rows, score=score, spectrum=spectrum), 10)
     rule, ratio = parse_threshold(threshold)
-    th = choose_threshold(values[np.isfinite(values)], rule, ratio)
     finite = np.isfinite(values)
-    flagged = finite & (values > th.value)
-    reasons = [None if not ok else (f"score {v:.4f} > threshold {th.value:.4f}" if f else
-                                    f"score {v:.4f} <= threshold {th.value:.4f}")
-               for v, ok, f in zip(values, finite, flagged)]
-    status = "undecided" if th.reason.startswith("fallback") else ("flagged" if flagged.any() else "no_poison_found")
+    th = choose_threshold(values[finite], rule, ratio)
     components = [{score: float(v)} if np.isfinite(v) else {} for v in values]
-    return Decision(values, score, flagged, reasons, status, {"rule": rule, "threshold": th.as_dict()},
+    summary = {"rule": rule, "threshold": th.as_dict()}
+    if th.details.get("bandwidth") and finite.sum() > 1:   # the density the KDE rule looked at, for the histogram
+        x, bw = values[finite], th.details["bandwidth"]
+        grid = np.linspace(x.min() - bw, x.max() + bw, 128)
+        y = np.exp(-0.5 * ((grid[:, None] - x[None, :]) / bw) ** 2).sum(1) / (x.size * bw * np.sqrt(2 * np.pi))
+        summary["density"] = {"x": np.round(grid, 6).tolist(), "y": np.round(y, 6).tolist(), "bandwidth": bw}
+    if th.reason.startswith("fallback") or not finite.any():
+        # No structure found. A fallback constant such as the KDE's 0.7 is foreign to the score's scale (it flagged
+        # every sample of one set and none of another), so nothing is flagged on the rule's account.
+        why = th.reason.split(": ", 1)[-1] if th.reason.startswith("fallback") else "no sample has a finite score"
+        summary["threshold"]["value"] = None
+        summary["why"] = why
+        reasons = [f"kept: the {rule} rule could not decide ({why})" if ok else None for ok in finite]
+        return Decision(values, score, np.zeros(len(values), dtype=bool), reasons, "undecided", summary,
+                        components, None)
+    flagged = th.flags(values)   # top-k flags by rank (exactly k), the other rules by value
+    reasons = [th.explain(v, f) if ok else None for v, ok, f in zip(values, finite, flagged)]
+    if not flagged.any():
+        summary["evidence"] = (f"no score above the threshold {th.value:.4f} ({th.reason}); the highest is "
+                               f"{values[finite].max():.4f}")
+    return Decision(values, score, flagged, reasons, "flagged" if flagged.any() else "no_poison_found", summary,
                     components, th.value)
+

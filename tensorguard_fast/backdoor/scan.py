@@ -78,8 +78,8 @@ def scan_part(model, tokenizer, dataset: Dataset, indices: Sequence[int], part_p
     bar = None
     if progress and todo:
         from tqdm import tqdm
-
-        bar = tqdm(total=todo, unit="sample", desc="scan", smoothing=0.1)
+        # a resumed scan shows done/total, not 0/remaining
+        bar = tqdm(total=todo + len(done), initial=len(done), unit="sample", desc="scan", smoothing=0.1)
     scored = 0
     with open(part_path, "ab") as fh:
         for b in batches:
@@ -97,7 +97,8 @@ def scan_part(model, tokenizer, dataset: Dataset, indices: Sequence[int], part_p
 
 def scan(model, tokenizer, data: str, out_dir: str, spectrum: str = "svd", score: str = DEFAULT_SCORE,
          batch_size: int = 16, threshold: str = "kde", max_len: int = 512, crop: int = 8, model_name: str = "model",
-         progress: bool = True, world: Optional[distributed.World] = None) -> dict:
+         progress: bool = True, world: Optional[distributed.World] = None, prompt_field: Optional[str] = None,
+         answer_field: Optional[str] = None) -> dict:
     """Scan the dataset file `data` with (model, tokenizer) into `out_dir` (see the module docstring); resumes a
     killed scan of the same settings. Returns summary.json's content.
 
@@ -109,8 +110,9 @@ def scan(model, tokenizer, data: str, out_dir: str, spectrum: str = "svd", score
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     check_vocab(model, tokenizer)
-    dataset = load_samples(data, tokenizer, max_len=max_len)
-    config = {**scan_config(model_name, dataset, spectrum, crop, max_len, batch_size), "world_size": w.size}
+    dataset = load_samples(data, tokenizer, max_len=max_len, prompt_field=prompt_field, answer_field=answer_field)
+    config = {**scan_config(model_name, dataset, spectrum, crop, max_len, batch_size, model=model),
+              "world_size": w.size}
     def prepare():  # one writer of the directory and its config; the others wait for it
         if w.is_main:
             os.makedirs(os.path.join(out_dir, PARTS), exist_ok=True)
@@ -123,7 +125,7 @@ def scan(model, tokenizer, data: str, out_dir: str, spectrum: str = "svd", score
                                         os.path.join(out_dir, PARTS, part), spectrum, crop, batch_size,
                                         progress and w.is_main))
     seconds = time.perf_counter() - start
-    extra = {"model": model_name, "data": os.path.abspath(data), "max_len": max_len, "batch_size": batch_size,
+    extra = {"model": model_name, "data": os.path.abspath(dataset.path) if os.path.exists(dataset.path) else dataset.path, "max_len": max_len, "batch_size": batch_size,
              "world_size": w.size}
     summary = _on_every_rank(w, lambda: finish(out_dir, dataset, spectrum, score, threshold, seconds, extra)
                              if w.is_main else None)
