@@ -319,3 +319,21 @@ def test_reference_switch_and_missing_extension():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "reference"
     assert "did not load" in out.stderr and "blocked for the test" in out.stderr
+
+
+def test_rank1_moments_batched_equal_each_materialised_outer_product():
+    """The batched rank-1 op (what the lineage profile calls) against the float64 moments of each u_b x_b^T formed
+    whole; a NaN factor entry removes its row of pairs; bf16 factors are read exactly (upcast first)."""
+    from tensorguard_fast.ops.moments import rank1_moments
+
+    g = torch.Generator().manual_seed(4)
+    u, x = torch.randn(3, 301, generator=g, dtype=torch.float64), torch.randn(3, 77, generator=g, dtype=torch.float64)
+    u[1, 5] = math.nan
+    for uu, xx in ((u, x), (u.float(), x.to(torch.bfloat16))):
+        got = rank1_moments(uu, xx)
+        assert len(got) == 3
+        for b in range(3):
+            want = reference.moments(torch.outer(uu[b].double(), xx[b].double()))
+            assert_close(got[b], want, rel=1e-12, skew_abs=1e-10, exact_extremes=False)
+    with pytest.raises(ValueError, match="same B"):
+        rank1_moments(u, x[:2])

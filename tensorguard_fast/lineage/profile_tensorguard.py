@@ -28,6 +28,7 @@ Deliberate differences (measured in bench/bench_fingerprint.py, column "feature 
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Dict, List, Tuple
 
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from .loading import ModelLoadError, WeightSource
-from ..stats import from_power_sums
+from ..ops.moments import rank1_moments
 
 NOISE_TYPES = ["adversarial", "structured", "gaussian", "low_frequency", "high_frequency"]
 NUM_SAMPLES = 15
@@ -154,41 +155,29 @@ class ProbeFactory:
 def gradient_stats(w: torch.Tensor, probes: torch.Tensor) -> Tuple[List[Dict[str, float]], int]:
     """mean, std, norm, skewness, kurtosis of d||W x||/dW = u x^T for each probe x (rows of `probes`, k x d_in).
 
-    One pass over W for all k probes (X W^T); then, per probe, sum_ij (u_i x_j)^p = (sum_i u_i^p)(sum_j x_j^p)
-    for p = 1..4 (the rank-1 factorisation of `outer_moments`, batched over the probes so the d_out-long vectors
-    are walked once, not once per probe), finished by the same `from_power_sums` as `outer_moments`.
+    One pass over W for all k probes (X W^T); then the engine's rank-1 op `ops.moments.rank1_moments` (sum_ij
+    (u_i x_j)^p = (sum_i u_i^p)(sum_j x_j^p), all 2k factor vectors reduced by one call of the moments kernel).
     Statistics are over the finite gradient entries; the count of non-finite rows of V is returned.
     """
     probes = probes.to(w.device)
     if w.device.type == "cpu" and w.numel() < SMALL_MATRIX:
         # Cache-resident W: k mat-vecs. A CPU GEMM with few columns cost a fixed ~16 ms per call on the torch
         # wheel measured here (0.05 ms for the mat-vecs), which dominated the whole fingerprint.
-        v = torch.stack([torch.mv(w, p) for p in probes]).to(torch.float64).numpy()
+        v = torch.stack([torch.mv(w, p) for p in probes]).to(torch.float64)
     else:
         # W X^T, not X W^T: BLAS streams W row-major once (the transposed product was 2x slower here).
-        v = (w @ probes.T).T.to(torch.float64).cpu().numpy()
-    # The k x d_out reductions run in numpy: its SIMD pairwise sums were several times faster than torch's CPU
-    # reductions on the wheels measured here, and these small reductions dominated once W is read only once.
-    finite = np.isfinite(v)
-    v = np.where(finite, v, 0.0)
-    u = v / np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]
-    x = probes.to(torch.float64).cpu().numpy()                        # k x d_in
-    u2, x2 = u * u, x * x
-    su = np.stack([u.sum(1), u2.sum(1), np.einsum("ij,ij->i", u2, u), np.einsum("ij,ij->i", u2, u2),
-                   np.abs(u).sum(1)]).T.tolist()
-    sx = np.stack([x.sum(1), x2.sum(1), np.einsum("ij,ij->i", x2, x), np.einsum("ij,ij->i", x2, x2),
-                   np.abs(x).sum(1)]).T.tolist()
-    n_rows = finite.all(axis=0)
-    count = int(n_rows.sum()) * x.shape[1]
-    umin, umax = u.min(1).tolist(), u.max(1).tolist()
-    xmin, xmax = x.min(1).tolist(), x.max(1).tolist()
-    out = []
-    for j in range(x.shape[0]):
-        corners = [a * b for a in (umin[j], umax[j]) for b in (xmin[j], xmax[j])]
-        m = from_power_sums(count, su[j][0] * sx[j][0], su[j][1] * sx[j][1], su[j][2] * sx[j][2],
-                            su[j][3] * sx[j][3], min(corners), max(corners), su[j][4] * sx[j][4], 0)
-        out.append({"mean": m.mean, "std": m.std, "norm": m.l2, "skewness": m.skewness, "kurtosis": m.kurtosis})
-    return out, int((~n_rows).sum())
+        v = (w @ probes.T).T.to(torch.float64)
+    # A row of W with a NaN/Inf gives a non-finite entry of V for (almost) every probe: such rows are left out of
+    # every probe's statistics (NaN in u), and counted.
+    finite = torch.isfinite(v)
+    rows_ok = finite.all(0)
+    v = torch.where(finite, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    u = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    u = torch.where(rows_ok, u, torch.full((), math.nan, dtype=u.dtype, device=u.device))
+    stats = rank1_moments(u, probes.to(torch.float64))
+    out = [{"mean": m.mean, "std": m.std, "norm": m.l2, "skewness": m.skewness, "kurtosis": m.kurtosis}
+           for m in stats]
+    return out, int((~rows_ok).sum())
 
 
 def tensorguard_features(source: WeightSource, seed: int = 0, device=torch.device("cpu")):

@@ -66,7 +66,8 @@ def outer_moments(u: torch.Tensor, x: torch.Tensor, backend: Optional[str] = Non
     """Moments of the m x n matrix U^T X from U (k x m) and X (k x n), never forming it whole.
 
     k = 1 (U and X may be 1-D): sum_ij (u_i x_j)^p = (sum_i u_i^p)(sum_j x_j^p), so the moments cost O(m + n), exact
-    in float64 (statistics over the pairs of finite u_i and x_j; overflow of a product is not checked).
+    in float64 (statistics over the pairs of finite u_i and x_j; overflow of a product is not checked); see
+    `rank1_moments`, the batched form the lineage profile uses.
     k > 1: U^T X is formed `tile_rows` rows at a time (float32 GEMM, or float64 for float64 inputs) and each tile is
     reduced by `moments`; the summaries are merged exactly. Memory: one tile.
     """
@@ -98,17 +99,49 @@ def outer_moments(u: torch.Tensor, x: torch.Tensor, backend: Optional[str] = Non
 
 
 def _rank1(u: torch.Tensor, x: torch.Tensor) -> Moments:
-    u = u.to(torch.float64)
-    x = x.to(torch.float64)
-    fu, fx = torch.isfinite(u), torch.isfinite(x)
-    uf, xf = u[fu], x[fx]
-    nonfinite = u.numel() * x.numel() - uf.numel() * xf.numel()
-    count = uf.numel() * xf.numel()
-    if count == 0:
+    return rank1_moments(u.unsqueeze(0), x.unsqueeze(0))[0]
+
+
+def rank1_moments(u: torch.Tensor, x: torch.Tensor, backend: Optional[str] = None) -> list:
+    """Moments of each rank-1 matrix u_b x_b^T for the rows of U (B x m) and X (B x n), never formed: a list of B.
+
+    sum_ij (u_i x_j)^p = (sum_i u_i^p)(sum_j x_j^p) for p = 1..4, and sum |u_i x_j| = (sum |u_i|)(sum |x_j|): each
+    product needs the moments of its two factors only, O(m + n). The factors are reduced by `moments` (on CPU one
+    call into the C++ kernel for all 2B rows, float64 accumulation; elsewhere the float64 reference), their power
+    sums recovered from the central sums, and the products finished by `stats.from_power_sums` (float64; fine for
+    gradients, |mean| << std). Statistics over the pairs of finite u_i and x_j; `nonfinite` counts the other pairs.
+    bf16/fp16 factors are upcast to float32 first (exact), so the factor moments carry float64 accuracy.
+    """
+    u = _check(u, "rank1_moments")
+    x = _check(x, "rank1_moments")
+    if u.dim() != 2 or x.dim() != 2 or u.shape[0] != x.shape[0]:
+        raise ValueError(f"rank1_moments: need U (B x m) and X (B x n) with the same B; got {tuple(u.shape)} and "
+                         f"{tuple(x.shape)}")
+    if u.device != x.device:
+        raise ValueError(f"rank1_moments: U on {u.device}, X on {x.device}")
+    chosen = _backend.choose("outer_moments", u.device, backend)
+    wide = (torch.float32, torch.float64)
+    rows = [r if r.dtype in wide else r.float() for r in (*u, *x)]
+    if chosen == "cpp":
+        factors = _cpp_moments(rows)
+    else:  # the reference reduces in float64 on the tensor's device; Triton's float32 blocks are not exact enough
+        factors = [reference.moments(r) for r in rows]
+    b = u.shape[0]
+    return [_outer_from_factors(factors[i], factors[b + i]) for i in range(b)]
+
+
+def _power_sums(m: Moments):
+    """(sum x, sum x^2, sum x^3, sum x^4) of the finite values from their central sums (float64)."""
+    n, mu = m.count, m.mean
+    return (n * mu, m.sumsq, m.m3 + 3.0 * mu * m.m2 + n * mu ** 3,
+            m.m4 + 4.0 * mu * m.m3 + 6.0 * mu * mu * m.m2 + n * mu ** 4)
+
+
+def _outer_from_factors(mu: Moments, mx: Moments) -> Moments:
+    nonfinite = (mu.count + mu.nonfinite) * (mx.count + mx.nonfinite) - mu.count * mx.count
+    if mu.count == 0 or mx.count == 0:
         return Moments.from_state((0, 0.0, 0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0, nonfinite))
-    pu = torch.stack([uf.sum(), (uf ** 2).sum(), (uf ** 3).sum(), (uf ** 4).sum(), uf.abs().sum()]).tolist()
-    px = torch.stack([xf.sum(), (xf ** 2).sum(), (xf ** 3).sum(), (xf ** 4).sum(), xf.abs().sum()]).tolist()
-    corners = [a * b for a in (float(uf.min()), float(uf.max())) for b in (float(xf.min()), float(xf.max()))]
-    # Central sums from raw sums: fine for gradients (|mean| << std); the tile path is there for anything else.
-    return from_power_sums(count, pu[0] * px[0], pu[1] * px[1], pu[2] * px[2], pu[3] * px[3], min(corners),
-                           max(corners), pu[4] * px[4], nonfinite)
+    pu, px = _power_sums(mu), _power_sums(mx)
+    corners = [a * b for a in (mu.min, mu.max) for b in (mx.min, mx.max)]
+    return from_power_sums(mu.count * mx.count, pu[0] * px[0], pu[1] * px[1], pu[2] * px[2], pu[3] * px[3],
+                           min(corners), max(corners), mu.l1 * mx.l1, nonfinite)
