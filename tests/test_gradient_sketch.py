@@ -221,3 +221,52 @@ def test_fused_pass_leaves_blocks_unchanged(dtype, backend, chunk):
     assert torch.allclose(s1, alone, rtol=0, atol=1e-6 * float(alone[:2].abs().max()), equal_nan=True)
     want, _ = oracle(hid, w, tg, 6, 4)
     assert_sketch_close(s1, want, n1, TOL[dtype])
+
+
+# --- C++ (both product routes), Triton (interpreter on CPU), reference --------------------------------------------------
+
+@pytest.mark.parametrize("product", ["gemm", "acc"])
+def test_cpp_product_routes(product, monkeypatch):
+    from tensorguard_fast.ops import gradient_sketch_accumulator as acc
+
+    if _backend.cpp() is None:
+        pytest.skip("needs the C++ extension")
+    monkeypatch.setattr(acc, "CPP_PRODUCT", product)
+    hid, w, tg = forward_inputs(5, 11, 1009, 33, seed=21, unscored=(3,))
+    got, n = gradient_sketch_from_hidden(hid, w, tg, k=32, vocab_chunk=300, backend="cpp")
+    assert _backend.last_backend("gradient_sketch") == "cpp"
+    assert_sketch_close(got, oracle(hid, w, tg, 32, 0)[0], n, 1e-5)
+    e0, *_ = answer_error_blocks(hid, w, tg, vocab_chunk=300, backend="cpp")
+    e1, _, _, s1 = answer_error_blocks(hid, w, tg, vocab_chunk=300, backend="cpp", sketch=sketch_matrix(1009, 32))
+    assert torch.equal(e0, e1)
+    assert float((s1 - got).nan_to_num().abs().max()) <= 2e-6 * float(got.nan_to_num().abs().max())
+
+
+@requires_triton
+@pytest.mark.parametrize("k,chunk", [(32, 300), (5, 2100), (1, 97)])
+def test_triton_cpp_reference_agree(k, chunk):
+    hid, w, tg = forward_inputs(3, 9, 2203, 24, seed=k, unscored=(1,))
+    dev = triton_device()
+    want, n = oracle(hid, w, tg, k, 1)
+    got_t, n_t = gradient_sketch_from_hidden(hid.to(dev), w.to(dev), tg.to(dev), k=k, seed=1, vocab_chunk=chunk,
+                                             backend="triton")
+    assert _backend.last_backend("gradient_sketch") == "triton" and n_t.cpu().equal(n)
+    assert_sketch_close(got_t.cpu(), want, n, 1e-5)
+    if _backend.cpp() is not None:
+        got_c, _ = gradient_sketch_from_hidden(hid, w, tg, k=k, seed=1, vocab_chunk=chunk, backend="cpp")
+        assert_sketch_close(got_t.cpu(), got_c.double(), n, 2e-6)
+
+
+@requires_triton
+def test_triton_fused_pass_and_nonfinite():
+    dev = triton_device()
+    hid, w, tg = forward_inputs(2, 8, 700, 16, seed=4)
+    hid, w, tg = hid.to(dev), w.to(dev), tg.to(dev)
+    e0, h0, n0 = answer_error_blocks(hid, w, tg, vocab_chunk=256, backend="triton")
+    e1, h1, n1, s1 = answer_error_blocks(hid, w, tg, vocab_chunk=256, backend="triton",
+                                         sketch=sketch_matrix(700, 8, device=dev))
+    assert torch.equal(e0, e1) and torch.equal(h0, h1) and torch.equal(n0, n1)
+    assert_sketch_close(s1.cpu(), oracle(hid.cpu(), w.cpu(), tg.cpu(), 8, 0)[0], n1.cpu(), 1e-5)
+    w[650, 0] = math.nan
+    with pytest.raises(ValueError, match="sample 0: non-finite logits"):
+        gradient_sketch_from_hidden(hid, w, tg, k=8, vocab_chunk=256, backend="triton")

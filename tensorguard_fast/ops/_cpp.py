@@ -161,3 +161,52 @@ def spectrum_entropy(svals: torch.Tensor, q: int, squared: bool) -> torch.Tensor
     out = torch.empty(svals.shape[0], dtype=torch.float64)
     _ext().spectrum_entropy(svals.data_ptr(), svals.shape[0], svals.shape[1], q, bool(squared), out.data_ptr())
     return out
+
+
+# --- gradient_sketch ----------------------------------------------------------------------------------------------------
+
+def _sketch_state(op: str, z, labels, m, s, bad) -> torch.Tensor:
+    z = _tensor(op, "z", z, (torch.float32,), dim=2, rows=True)
+    n = z.shape[0]
+    _tensor(op, "labels", labels, (torch.int64,), dim=1, shape=(n,))
+    for name, t, dt in (("m", m, torch.float64), ("s", s, torch.float64), ("bad", bad, torch.int64)):
+        _tensor(op, name, t, (dt,), dim=1, shape=(n,))
+    return z
+
+
+def sketch_exp_update(z: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, v0: int, m: torch.Tensor,
+                      s: torch.Tensor, bad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One vocabulary chunk [v0, v0 + C) of the gradient sketch: float32 logits z (N, C) -> the logsumexp state (m, s,
+    bad) updated in place as `logsumexp_update` does, out (N, C) float32 = exp(z - m_new) with each row's target column
+    (labels - v0) zeroed; returns (f_old, f_new, c) float64 (N,): the rescale factors of the running sums and the
+    row sums of out."""
+    op = "sketch_exp_update"
+    z = _sketch_state(op, z, labels, m, s, bad)
+    n, c = z.shape
+    out = _tensor(op, "out", out, (torch.float32,), dim=2, shape=(n, c), rows=True)
+    _int(op, "v0", v0, 0)
+    f_old = torch.empty(n, dtype=torch.float64)
+    f_new = torch.empty(n, dtype=torch.float64)
+    sums = torch.empty(n, dtype=torch.float64)
+    if n and c:
+        _ext().sketch_exp_update(z.data_ptr(), n, c, _row_stride(z), out.data_ptr(), _row_stride(out),
+                                 labels.data_ptr(), v0, m.data_ptr(), s.data_ptr(), bad.data_ptr(), f_old.data_ptr(),
+                                 f_new.data_ptr(), sums.data_ptr(), _backend.num_threads())
+    return f_old, f_new, sums
+
+
+def sketch_acc_update(z: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, v0: int, m: torch.Tensor,
+                      s: torch.Tensor, bad: torch.Tensor, acc: torch.Tensor) -> None:
+    """`sketch_exp_update` with the product inside the kernel: acc (N, K + 1) float64 <- acc * f_old + f_new *
+    [out @ r, c] with out = exp(z - m_new), target zeroed, c its row sums; r (C, K) float32 (rows contiguous)."""
+    op = "sketch_acc_update"
+    z = _sketch_state(op, z, labels, m, s, bad)
+    n, c = z.shape
+    r = _tensor(op, "r", r, (torch.float32,), dim=2, shape=(c, -1), rows=True)
+    kk = r.shape[1]
+    _tensor(op, "acc", acc, (torch.float64,), dim=2, shape=(n, kk + 1))
+    _int(op, "v0", v0, 0)
+    if n and c and kk:
+        _ext().sketch_acc_update(z.data_ptr(), n, c, _row_stride(z), r.data_ptr(), _row_stride(r), kk,
+                                 labels.data_ptr(), v0, m.data_ptr(), s.data_ptr(), bad.data_ptr(), acc.data_ptr(),
+                                 _backend.num_threads())

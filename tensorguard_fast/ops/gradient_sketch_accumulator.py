@@ -9,15 +9,16 @@ over vocabulary chunks (running max m, s = sum_v exp(z_v - m), both rescaled by 
 
 Leaving the target's column out of a and c (instead of the textbook acc/s - R_y) matters for a confident token
 (p_y -> 1, e_t -> 0): acc/s - R_y cancels to a few float32 ulps of |R_y|, (a - c R_y)/s keeps full relative accuracy.
-a and c come from one product per chunk: exp(z_chunk - m) @ [R_chunk, 1] ((rows x chunk) x (chunk x (k+1))), so the
-state is rows x (k+1) float64 plus (m, s); nothing of size rows x V or V x d exists.
+a comes from one product per chunk, exp(z_chunk - m) @ R_chunk ((rows x chunk) x (chunk x k)), c from the row sums of
+the same exponentials; the state is rows x (k+1) float64 ([a, c]) plus (m, s); nothing of size rows x V or V x d.
 
 Backends of the per-chunk update ('cpp' and 'triton' run on float32 logits; everything else takes the torch formula
 in float64):
 - cpp: `_C.sketch_exp_update` does the max, the rescale factors, exp (written to a scratch chunk, target column
-  zeroed) and s in one pass, with the same loops as `_C.logsumexp_update`, so (m, s) are bit-identical to the
-  pass without a sketch and it REPLACES that call (`fuses_logsumexp`); the (k+1)-column product is a torch GEMM
-  (measured faster than the in-kernel accumulation `_C.sketch_acc_update`; bench/bench_gradient_sketch.py).
+  zeroed), c and s in one pass, with the same loops as `_C.logsumexp_update`, so (m, s) are bit-identical to the
+  pass without a sketch and it REPLACES that call (`fuses_logsumexp`). The product runs inside the kernel
+  (`_C.sketch_acc_update`, CPP_PRODUCT = "acc"): measured faster than writing the exponentials for a torch GEMM
+  ("gemm"; a rows x chunk x 32 GEMM runs far below peak), bench/bench_gradient_sketch.py has both.
 - triton: one fused kernel (`gradient_sketch_triton`) reads the chunk and accumulates a and c with tl.dot per
   column split; the splits merge in float64 here. It keeps its own (m, s): the logsumexp kernel for E is untouched.
 - torch: float64 exp and product, own (m, s).
@@ -30,8 +31,8 @@ from typing import Sequence
 import torch
 
 # In-kernel accumulation ('acc') or exp in C++ then a torch GEMM ('gemm'): chosen by bench/bench_gradient_sketch.py.
-CPP_PRODUCT = "gemm"
-KERNEL_BACKENDS = ("triton",)  # 'cpp' joins when csrc/gradient_sketch.cpp lands; until then the torch formula runs
+CPP_PRODUCT = "acc"
+KERNEL_BACKENDS = ("cpp", "triton")
 
 
 class SketchAccumulator:
@@ -42,10 +43,7 @@ class SketchAccumulator:
         self.k = r.shape[1]
         self.labels = labels
         self.backend = backend if cdt == torch.float32 and backend in KERNEL_BACKENDS else "torch"
-        gemm_dtype = torch.float32 if self.backend != "torch" else torch.float64
-        # [R, 1]: the last column of the product is c, the sum of the (non-target) exponentials
-        self.r_aug = torch.cat([r.to(device, gemm_dtype), torch.ones(r.shape[0], 1, dtype=gemm_dtype, device=device)],
-                               1)
+        self.r = r.to(device, torch.float32 if self.backend != "torch" else torch.float64).contiguous()
         self.m = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
         self.s = torch.zeros(n, dtype=torch.float64, device=device)
         self.bad = torch.zeros(n, dtype=torch.int64, device=device)
@@ -62,7 +60,7 @@ class SketchAccumulator:
         elif self.backend == "triton":
             from . import gradient_sketch_triton
 
-            gradient_sketch_triton.sketch_update(z, self.r_aug[v0:v0 + z.shape[1]], self.labels, v0, self.m, self.s,
+            gradient_sketch_triton.sketch_update(z, self.r[v0:v0 + z.shape[1]], self.labels, v0, self.m, self.s,
                                                  self.bad, self.acc)
         else:
             self._torch_update(z, v0)
@@ -70,7 +68,7 @@ class SketchAccumulator:
     def _cpp_update(self, z: torch.Tensor, v0: int) -> None:
         from . import _cpp
 
-        r_chunk = self.r_aug[v0:v0 + z.shape[1]]
+        r_chunk = self.r[v0:v0 + z.shape[1]]
         if CPP_PRODUCT == "acc":
             _cpp.sketch_acc_update(z, r_chunk, self.labels, v0, self.m, self.s, self.bad, self.acc)
             return
@@ -78,8 +76,9 @@ class SketchAccumulator:
         if self._scratch is None or self._scratch.shape[1] < cols:
             self._scratch = torch.empty(rows, cols, dtype=torch.float32)
         out = self._scratch[:, :cols]
-        old, new = _cpp.sketch_exp_update(z, out, self.labels, v0, self.m, self.s, self.bad)
-        self.acc.mul_(old.unsqueeze(1)).add_((out @ r_chunk).to(torch.float64).mul_(new.unsqueeze(1)))
+        old, new, sums = _cpp.sketch_exp_update(z, out, self.labels, v0, self.m, self.s, self.bad)
+        part = torch.cat([(out @ r_chunk).to(torch.float64), sums.unsqueeze(1)], 1)
+        self.acc.mul_(old.unsqueeze(1)).add_(part.mul_(new.unsqueeze(1)))
 
     def _torch_update(self, z: torch.Tensor, v0: int) -> None:
         finite = torch.isfinite(z)
@@ -92,12 +91,13 @@ class SketchAccumulator:
         self.s.copy_(self.s * old + ez.sum(1))
         inside = (self.labels >= v0) & (self.labels < v0 + z.shape[1])
         ez[inside.nonzero(as_tuple=True)[0], self.labels[inside] - v0] = 0
-        self.acc.copy_(self.acc * old.unsqueeze(1) + ez @ self.r_aug[v0:v0 + z.shape[1]])
+        part = torch.cat([ez @ self.r[v0:v0 + z.shape[1]], ez.sum(1, keepdim=True)], 1)
+        self.acc.copy_(self.acc * old.unsqueeze(1) + part)
         self.m.copy_(m_new)
 
     def rows(self) -> torch.Tensor:
         """r_t = (a - c R_y) / s for every row, (rows, k) float64 (call after the last chunk)."""
-        r_y = self.r_aug[self.labels, : self.k].to(torch.float64)
+        r_y = self.r[self.labels].to(torch.float64)
         return (self.acc[:, : self.k] - self.acc[:, self.k:] * r_y) / self.s.unsqueeze(1)
 
 
