@@ -1,6 +1,6 @@
 """Which kernels can run here, and the one dispatch rule every op follows.
 
-Rule (DESIGN.md section 4): an explicitly requested backend that cannot run raises `BackendUnavailable`; an
+Rule (docs/methods.md section 7): an explicitly requested backend that cannot run raises `BackendUnavailable`; an
 automatically chosen one falls back (CUDA tensor -> Triton; CPU tensor -> C++ `_C`; otherwise -> reference) and the
 op records which one ran in `last_backend(op)`.
 

@@ -1,4 +1,4 @@
-"""torch.distributed plumbing shared by the multi-process jobs (torchrun): who am I, which share is mine, wait.
+"""torch.distributed plumbing shared by the multi-process jobs (torchrun): who am I, which share is mine, all ok?
 
 Threads: torchrun sets OMP_NUM_THREADS=1 for every rank unless the caller set it. The C++ kernels follow torch's
 intra-op thread count (`torch.get_num_threads()`, which OMP_NUM_THREADS sets), so N ranks on N cores use one thread
@@ -50,11 +50,6 @@ def device_for(w: World) -> torch.device:
 def shard(indices: Sequence[int], w: World) -> list:
     """Rank r's share: every size-th index starting at r (balanced when samples are sorted by length later)."""
     return list(indices)[w.rank::w.size]
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def all_ok(ok: bool) -> bool:

@@ -118,7 +118,7 @@ def test_profiles_do_not_mix():
 @pytest.mark.slow
 def test_smollm2_tensorguard_profile_sane(smollm2_dir):
     fp = fast_fingerprint(smollm2_dir, profile="tensorguard").as_dict()
-    # grad of ||W x|| has Frobenius norm ||x|| (x has 576 or 1536 entries): the weight-independence DESIGN notes
+    # grad of ||W x|| has Frobenius norm ||x|| (x has 576 or 1536 entries): the weight-independence docs/methods.md section 1.1 notes
     assert 20 < fp["embedding_norm"] < 30 and fp["num_layers"] == 10
     full = fast_fingerprint(smollm2_dir)
     assert full.metadata["roles_missing"] == [] and full.metadata["num_layers"] == 30

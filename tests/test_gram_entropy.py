@@ -302,6 +302,7 @@ def test_triton_nonfinite_logits_named():
 
 # --- the real model ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_smollm2_equals_autograd_per_sample(smollm2):
     """GradSentry's score from our forward-only route equals autograd of the mean answer-token CE w.r.t. a fresh
     leaf copy of lm_head.weight (the logits path only: SmolLM2 ties lm_head to the input embedding)."""

@@ -1,7 +1,7 @@
 """Per-sample gradient spectra of a causal LM's output projection, from one batched forward pass.
 
 GradSentry scores a fine-tuning sample by the spectrum of G = d(mean answer-token cross-entropy) / d(lm_head weight),
-cropped to its first V/8 rows and d/8 columns. That gradient is E^T H / n (DESIGN.md 3.1): E = softmax - onehot at
+cropped to its first V/8 rows and d/8 columns. That gradient is E^T H / n (docs/methods.md section 2): E = softmax - onehot at
 the answer positions, H = the inputs of lm_head there. Both come out of the forward pass, so no backward pass and no
 V x d gradient are needed; the `gram_entropy` / `fft_entropy` ops turn (H, W, targets) into the spectrum.
 

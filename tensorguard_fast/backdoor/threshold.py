@@ -1,6 +1,6 @@
 """Thresholds that turn per-sample scores into flags: a sample is flagged when its score is > the threshold.
 
-`kde_valley_threshold` is GradSentry's rule (DESIGN.md section 2); the others are robust alternatives evaluated next
+`kde_valley_threshold` is GradSentry's rule (docs/methods.md section 1.2); the others are robust alternatives evaluated next
 to it in bench/backdoor_eval.py. Every rule returns a `Threshold` that says which rule and why, so a report can show
 when GradSentry's rule fell back to its fixed 0.7. NaN scores (samples that could not be scored) are ignored.
 Top-k is by rank (exactly k flagged; ties broken by input order); fixed thresholds must be finite.
@@ -40,6 +40,8 @@ class Threshold:
         """Why a sample with `score` is (not) flagged, in words."""
         if self.k is None:
             return f"score {score:.4f} {'>' if flagged else '<='} threshold {self.value:.4f}"
+        if self.k == 0:
+            return f"score {score:.4f}: the top-k ratio rounds to 0 samples of {self.details.get('n')}, none flagged"
         if flagged:
             return f"score {score:.4f} ranks in the top {self.k} (cut {self.value:.4f})"
         if score == self.value:

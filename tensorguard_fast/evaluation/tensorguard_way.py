@@ -3,7 +3,7 @@
 Every loaded tensor is materialised in float32 at once (layers <= 15), each of the 15 samples per selected tensor
 runs autograd and materialises the d_out x d_in gradient, and the statistics are numpy/scipy reductions of it
 (skewness/kurtosis on a 500k random subsample above 1M entries when `subsample=True`, as the original does).
-Written from the method's description (DESIGN.md section 2); shares only the selection/grouping helpers and the
+Written from the method's description (docs/methods.md section 1.1); shares only the selection/grouping helpers and the
 probe definitions with the fast path, so a mistake in the gradient statistics cannot hide in both.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """TensorGuard's fingerprint (arXiv 2506.01631, public code), computed exactly from one read of each tensor.
 
-What TensorGuard does (DESIGN.md section 2), reproduced here step by step:
+What TensorGuard does (docs/methods.md section 1.1), reproduced here step by step:
 1. Tensors of layers with index > 15 are not loaded; `total_params` counts what is loaded (1-D tensors included).
 2. 2-D tensors only. Above 10 of them: up to 3 evenly spaced names from each of the groups embed / attention /
    ffn / others, padded to 10 with random picks (`np.random.RandomState(seed)`, the same stream that later draws

@@ -9,7 +9,7 @@ Conventions (defaults first):
 - NaN when the kept spectrum has no energy (S = 0, e.g. G = 0 or an empty signal), or when normalising fewer than
   2 bins: the entropy is not defined there and no number is made up.
 
-Streaming form (DESIGN 3.2): H = ln S - (sum P ln P) / S, so two running sums give it in one pass over the spectrum.
+Streaming form (docs/methods.md section 4): H = ln S - (sum P ln P) / S, so two running sums give it in one pass over the spectrum.
 For G (N1 x N2, N = N1 N2) the four-step decomposition gives bin k1 + N1 k2 as
     X[k1 + N1 k2] = FFT_N2( w_N^(c k1) * Z[k1, c] )[k2],   Z[k1, c] = sum_t FFT_N1(E_t)[k1] H_t[c],
 computed for a tile of k1 rows at a time (one real GEMM on interleaved re/im, a twiddle, row FFTs of length N2) and

@@ -1,6 +1,6 @@
 """gram_entropy: GradSentry's per-sample spectral entropy of the lm_head gradient, without forming the gradient.
 
-For sample b with scored positions t (DESIGN 3.1):  G_b = (1/n_b) sum_t e_t h_t^T = E_b^T H_b / n_b, where
+For sample b with scored positions t (docs/methods.md section 2):  G_b = (1/n_b) sum_t e_t h_t^T = E_b^T H_b / n_b, where
 e_t = softmax(z_t) - onehot(y_t) and h_t is the input of lm_head; GradSentry crops G to [:V//8, :d//8], which is a
 column slice of E and of H. With the T x T Grams K = E E^T = Lk Lk^T and M = H H^T = Lm Lm^T, the non-zero
 singular values of E^T H are those of the T x T matrix Lk^T Lm, so the spectrum costs O(T^2 (V' + d')) work and
