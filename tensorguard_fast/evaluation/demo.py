@@ -30,8 +30,8 @@ def backdoor(out: Path, n: int) -> None:
     hit = len(poisoned & flagged)
     print(f"[scan] {n} samples ({len(poisoned)} poisoned) in {time.perf_counter() - t0:.1f} s: flagged "
           f"{len(flagged)}, of which {hit} poisoned (recall {hit / max(1, len(poisoned)):.2f}, precision "
-          f"{hit / max(1, len(flagged)):.2f}); threshold {summary['threshold']['value']:.3f} "
-          f"({summary['threshold']['rule']}); clean set: {out / 'scan' / 'clean.jsonl'}")
+          f"{hit / max(1, len(flagged)):.2f}); {summary['status']}: {summary['outcome']}; clean set: "
+          f"{out / 'scan' / 'clean.jsonl'}")
 
 
 def lineage() -> None:
