@@ -101,7 +101,70 @@ def check_gram_fft():
     row("check", "fft_entropy triton (four-step)", err, "max abs err", ok=err < 1e-5)
 
 
+def check_gradient_sketch():
+    """gradient_sketch (Triton) vs the float64 oracle (materialised logits and G, then R^T G), float32 and bf16
+    inputs; the fused answer_error_blocks(sketch=R) leaves E/H/n bit-identical and gives the same sketch."""
+    from tensorguard_fast import reference
+    from tensorguard_fast.ops.gradient_sketch import gradient_sketch_from_hidden, sketch_matrix
+    from tensorguard_fast.ops.lm_head_errors import answer_error_blocks
+
+    g = torch.Generator().manual_seed(0)
+    B, S, d, V = (2, 9, 64, 1000) if DRY else (4, 96, 576, 49152)
+    hidden = torch.randn(B, S, d, generator=g)
+    weight = torch.randn(V, d, generator=g) * (3.0 / math.sqrt(d))
+    targets = torch.randint(0, V, (B, S), generator=g)
+    targets[:, : S // 2] = -100
+    for dtype in (torch.float32, torch.bfloat16):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        want, _ = reference.gradient_sketch_from_hidden(h, w, targets, sketch_matrix(V, 32, 0, dtype=torch.float64))
+        got, _ = gradient_sketch_from_hidden(h.to(dev()), w.to(dev()), targets.to(dev()), backend="triton")
+        err = float(((got.cpu().double() - want).abs().amax((1, 2)) / want.abs().amax((1, 2))).max())
+        row("check", f"gradient_sketch triton {str(dtype)[6:]} inputs", err, "max rel err", ok=err < 1e-5)
+    h, w, t = hidden.to(dev()), weight.to(dev()), targets.to(dev())
+    e0, h0, n0 = answer_error_blocks(h, w, t, backend="triton")
+    e1, h1, n1, s1 = answer_error_blocks(h, w, t, backend="triton", sketch=sketch_matrix(V, 32, 0, device=dev()))
+    alone, _ = gradient_sketch_from_hidden(h, w, t, backend="triton")
+    same = bool(torch.equal(e0, e1) and torch.equal(h0, h1) and torch.equal(n0, n1))
+    err = float((s1 - alone).abs().max() / alone.abs().max())
+    row("check", "gradient_sketch fused into the error-block pass", err, "rel diff vs alone", ok=same and err < 1e-5,
+        note="E/H/n bit-identical" if same else "E/H/n CHANGED by the sketch request")
+
+
 # ---------------------------------------------------------------------------------------------------- timings
+def time_gradient_sketch():
+    """The error-block pass with and without the fused sketch, and the materialised way, per head shape."""
+    from tensorguard_fast.ops.gradient_sketch import sketch_matrix
+    from tensorguard_fast.ops.lm_head_errors import answer_error_blocks
+
+    heads = {"SmolLM2 head": (49152, 576), "Llama-7B head": (32000, 4096)}
+    batch, seq, answer = (2, 16, 8) if DRY else (16, 256, 128)
+    for name, (V, d) in heads.items():
+        if DRY:
+            V, d = V // 64, d // 8
+        g = torch.Generator().manual_seed(1)
+        hidden = torch.randn(batch, seq, d, generator=g).to(dev())
+        weight = (torch.randn(V, d, generator=g) * (3.0 / math.sqrt(d))).to(dev())
+        targets = torch.randint(0, V, (batch, seq), generator=g)
+        targets[:, : seq - answer] = -100
+        targets = targets.to(dev())
+        r = sketch_matrix(V, 32, 0, device=dev())
+
+        def materialised():
+            for b in range(batch):
+                keep = targets[b] != -100
+                e = torch.softmax(hidden[b][keep] @ weight.T, -1)
+                e[torch.arange(int(keep.sum()), device=dev()), targets[b][keep]] -= 1
+                _ = r.T @ (e.T @ hidden[b][keep])
+
+        t_pass = median_time(lambda: answer_error_blocks(hidden, weight, targets, backend="triton"), repeats=5)
+        t_fused = median_time(lambda: answer_error_blocks(hidden, weight, targets, backend="triton", sketch=r),
+                              repeats=5)
+        t_mat = median_time(materialised, repeats=3, warmup=1)
+        row("gradient_sketch", f"{name} fp32, {batch} x {answer} answer tokens: pass + sketch", t_fused / batch * 1e3,
+            "ms/sample", note=f"pass alone {t_pass / batch * 1e3:.2f} ms -> sketch adds {(t_fused / t_pass - 1) * 100:.1f}%"
+                              f"; materialised logits + G + R^T G {t_mat / batch * 1e3:.2f} ms")
+
+
 def time_moments():
     from tensorguard_fast.ops.moments import moments
 
@@ -273,7 +336,9 @@ def main() -> int:
 
     print(tinfo.render(tinfo.collect()), flush=True)
     configs = _configs()
-    sections = [("check moments", check_moments), ("check gram/fft", check_gram_fft), ("time moments", time_moments),
+    sections = [("check moments", check_moments), ("check gram/fft", check_gram_fft),
+                ("check gradient_sketch", check_gradient_sketch), ("time gradient_sketch", time_gradient_sketch),
+                ("time moments", time_moments),
                 ("sweep moments", sweep_moments)]
     for name, (cfg, b, s) in configs.items():
         sections.append((f"time entropy {name}", lambda cfg=cfg, b=b, s=s, name=name: time_entropy(name, cfg, b, s)))
