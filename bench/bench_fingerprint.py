@@ -4,6 +4,7 @@ Rows (each in a fresh subprocess, so peak RSS is that job's own; page cache warm
 in the process, "warm" the same call repeated in it):
 - read_all: read every tensor of the checkpoint once (get_tensor, then a BLAS mat-vec with ones): the I/O floor.
 - tensorguard (ours): profile="tensorguard".
+- invariant (ours, the default): profile="invariant".
 - full (ours): profile="full".
 - tensorguard_way: reference_tensorguard: whole model (layers <= 15) materialised in float32, 15 autograd passes per
   tensor with the gradient materialised, numpy/scipy statistics with the 500k subsample (TensorGuard's procedure).
@@ -56,7 +57,7 @@ def _job(name: str, model: str, device: str = "cpu") -> dict:
                 total += float(w.float().clone().view(-1)[:1].sum()) if w.numel() else 0.0
         return total
 
-    if name in ("read_all", "tensorguard", "full"):
+    if name in ("read_all", "tensorguard", "full", "invariant"):
         def once():
             if name == "read_all":
                 return read_all()
@@ -118,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the TensorGuard way runs there too)")
     ap.add_argument("--out", default=None, help="results file (default bench/results/bench_fingerprint_<device>.json)")
+    ap.add_argument("--quick", action="store_true", help="only read_all and the three profiles (no TensorGuard's "
+                    "way, no forward/backward)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -130,29 +133,45 @@ def main(argv=None):
     model = args.model or str(bundled_model_dir("smollm2"))
     run_child("read_all", model, args.device)  # warm the page cache
     rows = {}
-    for name, repeats in (("read_all", args.repeats), ("tensorguard", args.repeats), ("full", args.repeats),
-                          ("fwd_bwd_hooks", 1), ("tensorguard_way", 1)):
-        runs = [run_child(name, model, args.device) for _ in range(repeats)]
+    jobs = [("read_all", args.repeats), ("invariant", args.repeats), ("tensorguard", args.repeats),
+            ("full", args.repeats), ("fwd_bwd_hooks", 1), ("tensorguard_way", 1)]
+    if args.quick:  # the fingerprint/read ratios only
+        jobs = jobs[:4]
+    # Interleaved: round i runs every job once, so a load change on a shared machine hits all jobs of a round alike,
+    # and the paired ratio (job / read_all of the same round) is taken per round.
+    results = {name: [] for name, _ in jobs}
+    for i in range(max(r for _, r in jobs)):
+        for name, repeats in jobs:
+            if i < repeats:
+                results[name].append(run_child(name, model, args.device))
+    for name, _ in jobs:
+        runs = results[name]
         times = sorted(r["seconds"] for r in runs)
         warm = sorted(r.get("seconds_warm", r["seconds"]) for r in runs)
         rows[name] = {"seconds_p50": times[len(times) // 2], "seconds_all": times,
+                      "seconds_all_unsorted": [r["seconds"] for r in runs],
                       "seconds_warm_p50": warm[len(warm) // 2],
                       "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
                       "rss_after_import_mb": runs[0]["rss_after_import_mb"], "features": runs[0].get("features")}
         print(f"{name:>16}: {rows[name]['seconds_p50']:.3f}s (warm {rows[name]['seconds_warm_p50']:.3f}s)  peak RSS "
               f"{rows[name]['peak_rss_mb']:.0f} MB", flush=True)
     read = rows["read_all"]["seconds_p50"]
-    ours, way = rows["tensorguard"]["features"], rows["tensorguard_way"]["features"]
-    diffs = {k: abs(ours[k] - way[k]) / max(abs(way[k]), 1e-30) for k in way}
-    summary = {
-        "speedup_tensorguard_vs_tensorguard_way": rows["tensorguard_way"]["seconds_p50"] / rows["tensorguard"]["seconds_p50"],
-        "tensorguard_over_read_all": rows["tensorguard"]["seconds_p50"] / read,
-        "full_over_read_all": rows["full"]["seconds_p50"] / read,
-        "tensorguard_over_read_all_warm": rows["tensorguard"]["seconds_warm_p50"] / rows["read_all"]["seconds_warm_p50"],
-        "full_over_read_all_warm": rows["full"]["seconds_warm_p50"] / rows["read_all"]["seconds_warm_p50"],
-        "fwd_bwd_over_full": rows["fwd_bwd_hooks"]["seconds_p50"] / rows["full"]["seconds_p50"],
-        "feature_relative_difference": diffs,
-    }
+    summary = {}
+    for prof in ("invariant", "tensorguard", "full"):
+        summary[f"{prof}_over_read_all"] = rows[prof]["seconds_p50"] / read
+        summary[f"{prof}_over_read_all_warm"] = rows[prof]["seconds_warm_p50"] / rows["read_all"]["seconds_warm_p50"]
+        # ratio of medians can hide a bad pairing on a shared machine: also the median of per-repeat ratios
+        summary[f"{prof}_over_read_all_paired_median"] = float(sorted(
+            a / b for a, b in zip(rows[prof]["seconds_all_unsorted"], rows["read_all"]["seconds_all_unsorted"])
+        )[len(rows[prof]["seconds_all_unsorted"]) // 2])
+    diffs = {}
+    if "tensorguard_way" in rows:
+        ours, way = rows["tensorguard"]["features"], rows["tensorguard_way"]["features"]
+        diffs = {k: abs(ours[k] - way[k]) / max(abs(way[k]), 1e-30) for k in way}
+        summary["speedup_tensorguard_vs_tensorguard_way"] = (rows["tensorguard_way"]["seconds_p50"]
+                                                              / rows["tensorguard"]["seconds_p50"])
+        summary["fwd_bwd_over_full"] = rows["fwd_bwd_hooks"]["seconds_p50"] / rows["full"]["seconds_p50"]
+    summary["feature_relative_difference"] = diffs
     for r in rows.values():
         r.pop("features", None)
     report = {"model": model, "device": args.device, "machine": machine_info(), "rows": rows, "summary": summary}
@@ -165,7 +184,12 @@ def main(argv=None):
     for name, r in rows.items():
         print(f"| {name} | {r['seconds_p50']:.3f} | {r['seconds_p50'] / read:.2f} | {r['seconds_warm_p50']:.3f} | "
               f"{r['seconds_warm_p50'] / wread:.2f} | {r['peak_rss_mb']:.0f} |")
-    print(f"\nspeed-up, tensorguard profile vs TensorGuard's way: {summary['speedup_tensorguard_vs_tensorguard_way']:.1f}x")
+    for prof in ("invariant", "tensorguard", "full"):
+        print(f"{prof} / read_all: {summary[prof + '_over_read_all']:.2f} (median of paired repeats "
+              f"{summary[prof + '_over_read_all_paired_median']:.2f})")
+    if diffs:
+        print(f"\nspeed-up, tensorguard profile vs TensorGuard's way: "
+              f"{summary['speedup_tensorguard_vs_tensorguard_way']:.1f}x")
     print("feature relative difference, ours vs TensorGuard's way:")
     for k, v in diffs.items():
         print(f"  {k:<18} {v:.2e}")

@@ -17,7 +17,7 @@ def models(tmp_path_factory):
 def test_fingerprint_compare_classify(models, tmp_path, capsys):
     out = tmp_path / "fps"
     assert main(["fingerprint", str(models["alpha"]), str(models["beta"]), "-o", str(out)]) == 0
-    fa, fb = out / "alpha.full.json", out / "beta.full.json"
+    fa, fb = out / "alpha.invariant.json", out / "beta.invariant.json"  # the default profile
     assert fa.exists() and fb.exists()
     capsys.readouterr()
     assert main(["compare", str(fa), str(models["beta"]), "--json"]) == 0
@@ -39,8 +39,8 @@ def test_tensorguard_profile_and_mixing_error(models, tmp_path, capsys):
     assert main(["fingerprint", str(models["alpha"]), "--profile", "tensorguard", "-o", str(out)]) == 0
     assert (out / "alpha.tensorguard.json").exists()
     main(["fingerprint", str(models["beta"]), "-o", str(out)])
-    code = main(["compare", str(out / "alpha.tensorguard.json"), str(out / "beta.full.json")])
-    assert code == 1 and "same --profile" in capsys.readouterr().err
+    code = main(["compare", str(out / "alpha.tensorguard.json"), str(out / "beta.invariant.json")])
+    assert code == 2 and "same --profile" in capsys.readouterr().err  # 2: a mistake in the input
 
 
 def test_store_and_plot(models, tmp_path, capsys):

@@ -61,20 +61,22 @@ def small_zoo(smollm2_dir):
     variants = {"base": lambda s: s, "int4": lambda s: zoo.quantize_roundtrip(s, 4),
                 "prune50": lambda s: zoo.magnitude_prune(s, 0.5), "noise": lambda s: zoo.add_noise(s, 1e-3),
                 "extvocab": lambda s: zoo.extend_vocab(s, 500)}
-    out = {"full": {}, "tensorguard": {}}
+    out = {"invariant": {}, "full": {}, "tensorguard": {}}
     for fam, state in states.items():
         for var, make in variants.items():
             if fam == "rand2" and var != "base":
                 continue
             derived = make(state)
             for profile in out:
-                out[profile][(fam, var)] = fast_fingerprint(derived, profile=profile, name=f"{fam}.{var}")
+                out[profile][(fam, var)] = fast_fingerprint(derived, profile=profile, name=f"{fam}.{var}",
+                                                            config=smollm2_dir)
     return out
 
 
 @pytest.mark.slow
-def test_small_zoo_full_profile(small_zoo):
-    fps = small_zoo["full"]
+@pytest.mark.parametrize("profile", ["invariant", "full"])
+def test_small_zoo_unit_block_profiles(small_zoo, profile):
+    fps = small_zoo[profile]
     bases = {f: fps[(f, "base")] for f in ("smollm2", "rand1", "rand2")}
     derived = [(k, fp) for k, fp in fps.items() if k[1] != "base"]
     for method in ("nearest", "kmeans"):

@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-# A pairwise verdict for `compare` with the full profile: unrelated models sit at distance ~ sqrt(2) (independent
-# unit-RMS sketches), derivatives in the zoo below 0.35; half of sqrt(2) is the midpoint.
-FULL_SAME_FAMILY = 0.7
+from ..lineage import profiles
 
 
 def _progress(items, desc: str):
@@ -39,7 +37,7 @@ def load_any(spec: str, profile: Optional[str], args):
         if profile and fp.profile != profile:
             raise ValueError(f"{spec}: fingerprint has profile {fp.profile!r}, but --profile {profile} was asked")
         return fp
-    return fast_fingerprint(spec, profile=profile or "full", seed=args.seed, device=args.device,
+    return fast_fingerprint(spec, profile=profile or profiles.DEFAULT, seed=args.seed, device=args.device,
                             allow_pickle=args.allow_pickle, allow_nonfinite=getattr(args, "allow_nonfinite", False))
 
 
@@ -48,8 +46,8 @@ def _load_many(specs: List[str], args):
 
 
 def _common(p):
-    p.add_argument("--profile", choices=("full", "tensorguard"), default=None,
-                   help="fingerprint profile for models (default full; JSON inputs keep theirs)")
+    p.add_argument("--profile", choices=profiles.names(), default=None,
+                   help=f"fingerprint profile for models (default {profiles.DEFAULT}; JSON inputs keep theirs)")
     p.add_argument("--seed", type=int, default=0, help="probe seed (0 = TensorGuard's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -90,21 +88,22 @@ def _fingerprint_into_store(args) -> int:
     models = list(args.models) + (model_list(args.source) if args.source else [])
     if not models:
         raise ValueError("no model to fingerprint")
-    results = fingerprint_many(models, args.store, args.profile or "full", args.workers, args.seed, args.device,
-                               args.allow_pickle, progress=sys.stderr.isatty(),
+    results = fingerprint_many(models, args.store, args.profile or profiles.DEFAULT, args.workers, args.seed,
+                               args.device, args.allow_pickle, progress=sys.stderr.isatty(),
                                allow_nonfinite=args.allow_nonfinite)
     print(summarize(results))
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
 
 def cmd_compare(args) -> int:
-    from ..lineage.family import distance, similarity
+    from ..lineage.family import distance, same_family, similarity
 
     a, b = load_any(args.a, args.profile, args), load_any(args.b, args.profile, args)
     d, s = distance(a, b), similarity(a, b)
     result = {"a": a.model, "b": b.model, "profile": a.profile, "distance": d, "similarity": s}
-    if a.profile == "full":
-        result["same_family"] = d <= FULL_SAME_FAMILY
+    verdict = same_family(a, b)
+    if verdict is not None:
+        result["same_family"] = verdict
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -163,7 +162,7 @@ def cmd_plot(args) -> int:
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
-    from ..lineage.family import FamilyClassifier, _features, check_comparable
+    from ..lineage.family import FamilyClassifier, check_comparable, feature_vector
 
     bases = _bases(args.base, args) if args.base else {}
     fps = _load_many(args.models, args)
@@ -174,7 +173,7 @@ def cmd_plot(args) -> int:
         check_comparable(everything[0], fp)
     labels = list(bases) + ([p.family for p in FamilyClassifier(bases, method="nearest").fit_predict(fps)]
                             if bases else [fp.model for fp in fps])
-    x = StandardScaler().fit_transform(np.nan_to_num(np.array([_features(fp) for fp in everything])))
+    x = StandardScaler().fit_transform(np.nan_to_num(np.array([feature_vector(fp) for fp in everything])))
     xy = PCA(n_components=2).fit_transform(x) if x.shape[0] > 2 else np.c_[x[:, 0], np.zeros(len(x))]
     fig, ax = plt.subplots(figsize=(8, 6))
     for fam in dict.fromkeys(labels):

@@ -102,6 +102,13 @@ def merge(a: State, b: State, weight: float = 0.5) -> State:
     return {k: (weight * a[k] + (1 - weight) * b[k]) if a[k].is_floating_point() else a[k].clone() for k in a}
 
 
+def relative_change(before: State, after: State) -> float:
+    """Mean over 2-D tensors of ||after - before|| / ||before|| (how far a fine-tune moved the weights)."""
+    vals = [float((after[k] - before[k]).norm() / before[k].norm().clamp_min(1e-12))
+            for k in before if before[k].dim() == 2 and k in after and after[k].shape == before[k].shape]
+    return sum(vals) / max(len(vals), 1)
+
+
 def fanoutqa_texts(limit: int = 400) -> List[str]:
     """Question/answer lines from the fanoutqa dev set (the package's JSON file; the package's import needs extras)."""
     spec = importlib.util.find_spec("fanoutqa")
@@ -162,3 +169,184 @@ def save(state: State, config_dir, out_dir) -> Path:
         if name.endswith(".json") and name != "model.safetensors.index.json" or name.endswith(".jinja"):
             shutil.copy(Path(config_dir) / name, out / name)
     return out
+
+
+# ----------------------------------------------------------------------------- function-preserving obfuscations
+# Each takes the state and the model's transformers config, returns a state whose model computes the same logits
+# (check_function_preserving verifies it), and never changes the input. Conventions of Llama-style (SmolLM2) and
+# Gemma-3 checkpoints: Gemma's RMSNorm multiplies by (1 + w), its post-attention/post-feed-forward norms act on the
+# block outputs, and it has per-head q_norm/k_norm.
+
+def _arch(config):
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    gemma = str(config.model_type).startswith("gemma")
+    return heads, kv, head_dim, gemma
+
+
+def _layer_keys(state: State):
+    layers = sorted({int(k.split("layers.")[1].split(".")[0]) for k in state if "layers." in k})
+    return [(i, f"model.layers.{i}.") for i in layers]
+
+
+def permute_residual(state: State, config, seed: int = 0) -> State:
+    """One permutation of the residual stream applied to every matrix and norm that touches it: embedding (and
+    untied lm_head) columns, every residual-width norm weight, q/k/v/gate/up input columns, o/down output rows."""
+    d = config.hidden_size
+    perm = torch.randperm(d, generator=torch.Generator().manual_seed(seed))
+    out = {}
+    for k, v in state.items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+        elif v.dim() == 1 and v.shape[0] == d and "norm" in k and "q_norm" not in k and "k_norm" not in k:
+            out[k] = v[perm].clone()
+        elif v.dim() == 2 and any(s in k for s in ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj",
+                                                   "gate_proj", "up_proj")):
+            out[k] = v[:, perm].clone()
+        elif v.dim() == 2 and any(s in k for s in ("o_proj", "down_proj")):
+            out[k] = v[perm, :].clone()
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def permute_neurons(state: State, config, seed: int = 0) -> State:
+    """A permutation of each layer's MLP neurons: gate/up rows and down columns."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {k: v.clone() for k, v in state.items()}
+    for _, p in _layer_keys(state):
+        n = state[p + "mlp.up_proj.weight"].shape[0]
+        perm = torch.randperm(n, generator=gen)
+        for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+            out[p + name] = state[p + name][perm].clone()
+        out[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"][:, perm].clone()
+    return out
+
+
+def permute_heads(state: State, config, seed: int = 0) -> State:
+    """A permutation of the query heads within each key/value group (q rows and o columns, head blocks), and of
+    the key/value groups themselves (k/v rows, with their q heads and o columns)."""
+    heads, kv, hd, _ = _arch(config)
+    r = heads // kv
+    gen = torch.Generator().manual_seed(seed)
+    out = {k: v.clone() for k, v in state.items()}
+    for _, p in _layer_keys(state):
+        groups = torch.randperm(kv, generator=gen)
+        order = torch.cat([g * r + torch.randperm(r, generator=gen) for g in groups.tolist()])  # q head order
+        q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in order.tolist()])
+        kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in groups.tolist()])
+        out[p + "self_attn.q_proj.weight"] = state[p + "self_attn.q_proj.weight"][q_rows].clone()
+        out[p + "self_attn.o_proj.weight"] = state[p + "self_attn.o_proj.weight"][:, q_rows].clone()
+        for name in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+            out[p + name] = state[p + name][kv_rows].clone()
+    return out
+
+
+def rescale(state: State, config, seed: int = 0, spread: float = 2.0) -> State:
+    """Rescalings that cancel, with factors c drawn log-uniformly in [1/spread, spread]:
+    - each pre-norm's weight x c per channel, the matrices that read it (q/k/v after the attention norm, gate/up after
+      the MLP norm) / c on those input columns (Gemma: (1 + w) x c);
+    - MLP: up rows x c, down columns / c (per neuron);
+    - attention: v rows x c, o columns / c (per value dimension, for every q head that reads it); for models without
+      q_norm, q rows x c and k rows / c per rotary pair (c shared by dimensions i and i + head_dim / 2)."""
+    heads, kv, hd, gemma = _arch(config)
+    r = heads // kv
+    gen = torch.Generator().manual_seed(seed)
+
+    def factors(n):
+        return torch.exp((torch.rand(n, generator=gen) * 2 - 1) * torch.log(torch.tensor(spread)))
+
+    out = {k: v.clone() for k, v in state.items()}
+    off = 1.0 if gemma else 0.0
+    for _, p in _layer_keys(state):
+        mlp_norm = p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")
+        for norm, consumers in ((p + "input_layernorm.weight", ("self_attn.q_proj", "self_attn.k_proj",
+                                                                "self_attn.v_proj")),
+                                (mlp_norm, ("mlp.gate_proj", "mlp.up_proj"))):
+            c = factors(state[norm].shape[0])
+            out[norm] = (state[norm] + off) * c - off
+            for m in consumers:
+                out[p + m + ".weight"] = state[p + m + ".weight"] / c
+        c = factors(state[p + "mlp.up_proj.weight"].shape[0])
+        out[p + "mlp.up_proj.weight"] = out[p + "mlp.up_proj.weight"] * c[:, None]
+        out[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"] / c
+        c = factors(kv * hd)
+        out[p + "self_attn.v_proj.weight"] = out[p + "self_attn.v_proj.weight"] * c[:, None]
+        c_o = c.view(kv, 1, hd).expand(kv, r, hd).reshape(-1)
+        out[p + "self_attn.o_proj.weight"] = state[p + "self_attn.o_proj.weight"] / c_o
+        if p + "self_attn.q_norm.weight" not in state:
+            half = factors(kv * hd // 2).view(kv, 1, hd // 2)
+            ck = torch.cat([half, half], dim=2).reshape(-1)  # rotate_half pairs i and i + hd/2
+            cq = torch.cat([half, half], dim=2).expand(kv, r, hd).reshape(-1)
+            out[p + "self_attn.q_proj.weight"] = out[p + "self_attn.q_proj.weight"] * cq[:, None]
+            out[p + "self_attn.k_proj.weight"] = out[p + "self_attn.k_proj.weight"] / ck[:, None]
+    return out
+
+
+OBFUSCATIONS = {"perm-residual": permute_residual, "perm-neurons": permute_neurons, "perm-heads": permute_heads,
+                "rescale": rescale}
+
+
+def obfuscate_all(state: State, config, seed: int = 0) -> State:
+    """Every obfuscation above, one after the other."""
+    for i, fn in enumerate(OBFUSCATIONS.values()):
+        state = fn(state, config, seed=seed + i)
+    return state
+
+
+class FunctionChecker:
+    """Logits of states of one architecture on fixed random tokens, in float64, from one model instance (the states
+    are copied into it). Float64 everywhere except where transformers computes in float32 on purpose (RMSNorm casts
+    to float32): measured differences of permuted/rescaled copies are ~1e-7 of the logits, so FUNCTION_TOLERANCE
+    (1e-4 absolute) cannot be tripped by rounding, while any real change of the function moves logits by far more."""
+
+    def __init__(self, config, seed: int = 0, batch: int = 2, length: int = 12):
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        torch.manual_seed(seed)
+        self.model = AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+        self.tokens = torch.randint(0, config.vocab_size, (batch, length),
+                                    generator=torch.Generator().manual_seed(seed))
+
+    def logits(self, state: State) -> torch.Tensor:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ValueError(f"state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        with torch.no_grad():
+            return self.model(self.tokens).logits.clone()
+
+    def max_difference(self, a: State, b: State) -> float:
+        return float((self.logits(a) - self.logits(b)).abs().max())
+
+
+# transformers' RMSNorm runs in float32 even in a float64 model, so a permuted copy differs by ~1e-7 relative
+# (measured: 8e-8 absolute on a tiny Llama); 1e-4 absolute leaves a factor >= 100 for logits up to ~10, and any real
+# change of the function (a fine-tune step, 1e-3 noise) moves the logits by more than 1e-3.
+FUNCTION_TOLERANCE = 1e-4
+
+
+def check_function_preserving(original: State, changed: State, config, checker: "FunctionChecker" = None) -> float:
+    """Max |logit difference| of the two states' models on random tokens; AssertionError beyond FUNCTION_TOLERANCE."""
+    checker = checker or FunctionChecker(config)
+    diff = checker.max_difference(original, changed)
+    assert diff <= FUNCTION_TOLERANCE, f"not function-preserving: logits differ by {diff:.3g}"
+    return diff
+
+
+def obfuscate(state: State, config, name: str, seed: int = 0, checker: "FunctionChecker" = None,
+              reference: torch.Tensor = None):
+    """(obfuscated state, max logit difference): `name` is a key of OBFUSCATIONS or "obf-all"; the result is
+    asserted to compute the same logits as `state` before it is returned (`reference`: checker.logits(state), when
+    the caller has it already)."""
+    fn = obfuscate_all if name == "obf-all" else OBFUSCATIONS[name]
+    out = fn(state, config, seed=seed)
+    if reference is None:
+        return out, check_function_preserving(state, out, config, checker)
+    diff = float((checker.logits(out) - reference).abs().max())
+    assert diff <= FUNCTION_TOLERANCE, f"{name}: not function-preserving: logits differ by {diff:.3g}"
+    return out, diff

@@ -1,12 +1,12 @@
 """Compare fingerprints and assign models to families (thin layer over numpy and scikit-learn).
 
-distance(a, b):
-- "full": RMS of the difference. Each block of the full vector has unit RMS, so unrelated models sit near
-  sqrt(2) ~ 1.41 and derivatives near 0.
+distance(a, b) and similarity(a, b) are the profile's own (profiles.py):
+- "invariant", "full": RMS of the difference. Each block has unit RMS, so unrelated models sit near sqrt(2) ~ 1.41
+  and derivatives near 0; similarity is the cosine (1 = same weights, ~0 = unrelated).
 - "tensorguard": RMS of relative differences, |a - b| / ((|a| + |b|) / 2), over the features TensorGuard clusters on
   (all but total_params). Its features span ten orders of magnitude and a pair has no population to standardise
-  on; the classifier standardises on the population exactly as TensorGuard does.
-similarity(a, b): cosine similarity for "full" (1 = same weights, ~0 = unrelated); 1 / (1 + distance) otherwise.
+  on; the classifier standardises on the population exactly as TensorGuard does. similarity = 1 / (1 + distance).
+same_family(a, b): the pairwise verdict of `compare`, where the profile has a scale-free radius (None otherwise).
 
 FamilyClassifier, open set: a model is "unknown" when it is farther from every base than half the smallest distance
 between two bases (measured in the space the method assigns in). Why half: a member of a family should be closer to
@@ -22,14 +22,19 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import profiles
 from .fingerprint import Fingerprint
 
-EXCLUDED = {"tensorguard": ("total_params",)}  # TensorGuard clusters on every numeric key but total_params
 
-
-def _features(fp: Fingerprint) -> np.ndarray:
-    skip = EXCLUDED.get(fp.profile, ())
+def feature_vector(fp: Fingerprint) -> np.ndarray:
+    """The features that distances and clustering use (the profile's excluded names left out)."""
+    skip = profiles.get(fp.profile).excluded
+    if not skip:
+        return fp.vector.astype(np.float64)
     return np.array([v for n, v in zip(fp.names, fp.vector) if n not in skip], dtype=np.float64)
+
+
+_features = feature_vector  # the earlier private name
 
 
 def check_comparable(a: Fingerprint, b: Fingerprint) -> None:
@@ -43,21 +48,18 @@ def check_comparable(a: Fingerprint, b: Fingerprint) -> None:
 
 def distance(a: Fingerprint, b: Fingerprint) -> float:
     check_comparable(a, b)
-    x, y = _features(a), _features(b)
-    if a.profile == "tensorguard":
-        scale = (np.abs(x) + np.abs(y)) / 2
-        rel = np.where(scale > 0, np.abs(x - y) / np.where(scale > 0, scale, 1), 0.0)
-        return float(np.sqrt(np.mean(rel ** 2)))
-    return float(np.sqrt(np.mean((x - y) ** 2)))
+    return profiles.get(a.profile).distance(feature_vector(a), feature_vector(b))
 
 
 def similarity(a: Fingerprint, b: Fingerprint) -> float:
     check_comparable(a, b)
-    if a.profile == "tensorguard":
-        return 1.0 / (1.0 + distance(a, b))
-    x, y = _features(a), _features(b)
-    den = np.linalg.norm(x) * np.linalg.norm(y)
-    return float(x @ y / den) if den > 0 else 0.0
+    return profiles.get(a.profile).similarity(feature_vector(a), feature_vector(b))
+
+
+def same_family(a: Fingerprint, b: Fingerprint) -> Optional[bool]:
+    """Pairwise verdict: distance within the profile's same-family radius; None when the profile has none."""
+    radius = profiles.get(a.profile).same_family_threshold
+    return None if radius is None else distance(a, b) <= radius
 
 
 @dataclass
@@ -127,7 +129,7 @@ class FamilyClassifier:
         from sklearn.preprocessing import StandardScaler
 
         names = list(self.bases)
-        pop = np.array([_features(self.bases[n]) for n in names] + [_features(fp) for fp in fingerprints])
+        pop = np.array([feature_vector(self.bases[n]) for n in names] + [feature_vector(fp) for fp in fingerprints])
         pop = np.nan_to_num(pop, nan=0.0, posinf=0.0, neginf=0.0)
         scaled = StandardScaler().fit_transform(pop)
         centres = scaled[:len(names)]

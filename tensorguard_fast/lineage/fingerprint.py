@@ -1,10 +1,13 @@
 """`fast_fingerprint(model_or_path, profile, seed, device) -> Fingerprint`, and the `Fingerprint` record itself.
 
-Two profiles:
+Profiles (the registry in profiles.py: feature function, distance, same-family radius of each):
+- "invariant" (default): vocabulary-anchored products that function-preserving permutations of the residual stream,
+  MLP neurons and attention heads, and norm/linear rescalings cannot move (profile_invariant.py).
+- "full": our earlier profile, probe sketches at fixed coordinates, built to tell apart families with identical
+  shapes and to survive fine-tuning, quantisation, pruning and vocabulary growth (profile_full.py); a permuted copy
+  of a model reads as unrelated to it.
 - "tensorguard": TensorGuard's published fingerprint (arXiv 2506.01631, its public code), computed exactly and in one
-  read of each selected tensor (fingerprint_tensorguard.py).
-- "full" (default): our own, built to tell apart families with identical shapes and to survive fine-tuning,
-  quantisation, pruning and vocabulary growth (fingerprint_full.py).
+  read of each selected tensor (profile_tensorguard.py).
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ from typing import Dict, List, Optional, Union
 import numpy as np
 
 from .._version import __version__
+from . import profiles as _profiles
 from .loading import open_model
 
-PROFILES = ("full", "tensorguard")
+PROFILES = _profiles.names()
+DEFAULT_PROFILE = _profiles.DEFAULT
 
 # TensorGuard's key names, in the order its extractor writes them (the "norm_*" group only appears when a selected
 # 2-D tensor has "norm" in its name; it is kept when present).
@@ -105,28 +110,27 @@ class Fingerprint:
         return cls(np.array(vector), names, meta)
 
 
-def fast_fingerprint(model_or_path, profile: str = "full", seed: int = 0, device=None, allow_pickle: bool = False,
-                     base: Optional[str] = None, name: Optional[str] = None,
-                     allow_nonfinite: bool = False) -> Fingerprint:
+def fast_fingerprint(model_or_path, profile: str = DEFAULT_PROFILE, seed: int = 0, device=None,
+                     allow_pickle: bool = False, base: Optional[str] = None, name: Optional[str] = None,
+                     config=None, allow_nonfinite: bool = False) -> Fingerprint:
     """Fingerprint a model: a path (safetensors file, sharded or HF directory, GGUF, LoRA adapter directory), a hub
     id, an nn.Module or a state dict. Weights are read one tensor at a time (see io/loading.py).
 
-    profile: "full" (default, ours) or "tensorguard" (TensorGuard's published features). seed: probe seed (0 is
-    TensorGuard's). device: where the mat-vecs run (default: CUDA if available, else CPU).
+    profile: "invariant" (default), "full" or "tensorguard" (see profiles.py). seed: probe/anchor seed (0 is
+    TensorGuard's). device: where the products run (default: CUDA if available, else CPU). config: the model's config
+    (a dict, a transformers config or a directory) for a state dict, whose head width and norm convention the
+    invariant profile otherwise reads from config.json beside the weights or infers (recorded in the metadata).
     """
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose from {PROFILES}")
+    spec = _profiles.get(profile)
     import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config is None and isinstance(model_or_path, torch.nn.Module):
+        config = getattr(model_or_path, "config", None)
     source = open_model(model_or_path, allow_pickle=allow_pickle, base=base, allow_nonfinite=allow_nonfinite)
     t0 = time.perf_counter()
-    if profile == "tensorguard":
-        from .profile_tensorguard import tensorguard_features as compute
-    else:
-        from .profile_full import full_features as compute
-    names, values, extra = compute(source, seed=seed, device=torch.device(device))
+    names, values, extra = spec.features(source, seed, torch.device(device), config)
     meta = {"model": name or source.name, "path": source.path, "file_hashes": source.file_hashes(),
             "profile": profile, "seed": seed, "version": __version__}
     meta.update(extra)
