@@ -36,7 +36,8 @@ def write_samples(dataset, samples: List, path: str) -> None:
         with open(path, "wb") as fh:
             fh.write(_json_document(records) + b"\n")
     elif fmt == "csv":
-        with open(path, "w", encoding="utf-8", newline="") as fh:
+        # surrogateescape: bytes that were not UTF-8 in the input (flagged rows) go back out as the same bytes
+        with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(dataset.columns or [])
             for s in samples:
