@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Mapping, Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 
 from ..ops.fft_entropy import fft_entropy_from_hidden
 from ..ops.gram_entropy import gram_spectrum_from_hidden, spectral_entropy
 from ..ops.lm_head_errors import IGNORE_INDEX
+from .prefix import PrefixCache, cache_keyword
 
 SPECTRA = ("svd", "fft")
 
@@ -91,15 +92,22 @@ def check_batch(model, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor,
     return input_ids, attention_mask, labels
 
 
-def lm_head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def lm_head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, share_prefix: bool = True,
+                   prefix_cache: Optional[PrefixCache] = None) -> torch.Tensor:
     """Hidden states (B, S, d) entering the output embedding, from forward passes that stop before the logits.
 
     A padded batch is cut into groups of similar length (`length_groups`), each run at its own width: padding is
     compute thrown away, and a batch of mixed lengths is often half padding. Results are placed back at the batch's
-    positions; padding positions hold zeros (they are never scored). A mask with holes runs as one call."""
+    positions; padding positions are never scored (they hold zeros or whatever the model computed there). A mask
+    with holes runs as one call.
+
+    share_prefix: the leading tokens a group's rows share (a chat template, an instruction preamble) run once, each
+    row's remainder on their keys/values (`prefix.PrefixCache`; the same hidden states to float rounding). Pass a
+    `prefix_cache` kept across calls (a scan) to run a prefix once for all of them; without one, per call."""
     lengths = attention_mask.long().sum(-1)
     side = _padding_side(attention_mask)
-    if side is None or input_ids.shape[0] <= 1:
+    sharer = (prefix_cache if prefix_cache is not None else PrefixCache(model)) if share_prefix else None
+    if side is None or (input_ids.shape[0] <= 1 and sharer is None):
         return _capture(model, input_ids, attention_mask)
     width = input_ids.shape[1]
     hidden = None
@@ -107,11 +115,36 @@ def lm_head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
         rows = torch.tensor(group, device=input_ids.device)
         w = max(1, int(lengths[group[0]]))
         cols = slice(0, w) if side == "right" else slice(width - w, width)
-        part = _capture(model, input_ids[rows, cols], attention_mask[rows, cols])
+        part = None
+        if sharer is not None:
+            part = _capture_shared(sharer, model, input_ids, [int(lengths[i]) for i in group], group, w, side)
+        realigned = part is not None and side == "left"
+        if part is None:
+            part = _capture(model, input_ids[rows, cols], attention_mask[rows, cols])
+            if sharer is not None:
+                sharer.tokens_run += len(group) * w
         if hidden is None:
             hidden = part.new_zeros(input_ids.shape[0], width, part.shape[-1])
-        hidden[rows, cols] = part
+        if not realigned:
+            hidden[rows, cols] = part
+        else:   # the shared path's right-aligned rows back into the left-padded batch
+            for j, i in enumerate(group):
+                n = int(lengths[i])
+                hidden[i, width - n:] = part[j, :n]
     return hidden
+
+
+def _capture_shared(sharer: PrefixCache, model, input_ids: torch.Tensor, lengths: list, group: list, w: int,
+                    side: str) -> Optional[torch.Tensor]:
+    """The group's rows through the shared-prefix path, laid out right-padded at width w; None if not shared."""
+    if side == "right":
+        ids = input_ids[torch.tensor(group, device=input_ids.device), :w]
+    else:   # left padding: move each row's real tokens to the left so the shared prefix starts every row
+        ids = input_ids.new_zeros(len(group), w)
+        width = input_ids.shape[1]
+        for j, (i, n) in enumerate(zip(group, lengths)):
+            ids[j, :n] = input_ids[i, width - n:]
+    return sharer.capture_rows(_capture, model, ids, lengths)
 
 
 def length_groups(lengths, slack: float = 1.2) -> list:
@@ -140,8 +173,11 @@ def _padding_side(attention_mask: torch.Tensor):
     return None
 
 
-def _capture(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One forward pass stopped by a pre-hook on the output embedding; returns its input."""
+def _capture(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None,
+             cache=None) -> torch.Tensor:
+    """One forward pass stopped by a pre-hook on the output embedding; returns its input. With `cache` (a prefix's
+    keys/values), input_ids are the positions after it, attention_mask covers prefix and input, and position_ids
+    are given."""
     head = output_embedding(model)
     seen = {}
 
@@ -150,14 +186,18 @@ def _capture(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> to
         raise _Captured
 
     kwargs = {}
-    if "position_ids" in inspect.signature(model.forward).parameters:
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    elif "position_ids" in inspect.signature(model.forward).parameters:
         # From the mask, so a left-padded batch scores as its samples would alone (transformers otherwise counts
         # positions from the first column, padding included).
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    if cache is not None:
+        kwargs[cache_keyword(model)] = cache
     handle = head.register_forward_pre_hook(hook)
     try:
         with torch.no_grad(), _eval_mode(model):
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=cache is not None, **kwargs)
     except _Captured:
         pass
     finally:
@@ -183,8 +223,9 @@ def gradient_spectrum(model, batch: Mapping[str, torch.Tensor], crop: int = 8) -
     return gram_spectrum_from_hidden(hidden, weight, targets, crop=crop)
 
 
-def gradient_inputs(model, batch):
-    """(hidden, lm_head weight, targets): all the ops need for the per-sample lm_head gradients of a batch."""
+def gradient_inputs(model, batch, prefix_cache: Optional[PrefixCache] = None, share_prefix: bool = True):
+    """(hidden, lm_head weight, targets): all the ops need for the per-sample lm_head gradients of a batch.
+    prefix_cache / share_prefix: see `lm_head_inputs` (a scan passes one cache for all its batches)."""
     input_ids, attention_mask, labels = check_batch(model, batch)
     targets = answer_targets(labels)
     from_padding = (targets != IGNORE_INDEX) & (attention_mask == 0)
@@ -192,7 +233,7 @@ def gradient_inputs(model, batch):
         b = int(from_padding.any(1).nonzero()[0, 0])
         raise ValueError(f"sample {b}: a scored label would be predicted from a padding position (attention_mask 0); "
                          "labels must be -100 on padding and on a sample's first token")
-    hidden = lm_head_inputs(model, input_ids, attention_mask)
+    hidden = lm_head_inputs(model, input_ids, attention_mask, share_prefix, prefix_cache)
     return hidden, output_embedding(model).weight.detach(), targets
 
 
