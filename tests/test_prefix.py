@@ -126,13 +126,49 @@ def test_cache_kept_across_batches_runs_a_prefix_once():
     assert cache.tokens_run - before <= sum(widths) - 12 * 8
 
 
-def test_batch_size_one_learns_the_prefix_from_the_previous_row():
+def test_dataset_prefix_serves_batches_of_one():
     model = _tiny("llama")
     rows = _rows(4, torch.Generator().manual_seed(5))
-    cache = PrefixCache(model)
+    cache = PrefixCache.for_rows(model, rows)
+    assert len(cache.shared) >= 12
     for r in rows:
         _assert_parity(model, _batch([r], False), cache)
-    assert cache.tokens_reused >= 12 * 2   # rows 2 and 3 at least took the prefix from the cache
+    assert cache.tokens_reused >= 12 * 4 and cache.tokens_run <= sum(map(len, rows)) - 12 * 3
+
+
+def test_a_batch_scores_the_same_bits_whatever_ran_before():
+    """A resumed scan must write the same files: a batch's result may not depend on the batches before it."""
+    model = _tiny("gemma3")
+    gen = torch.Generator().manual_seed(10)
+    rows = _rows(24, gen)
+    later = _batch(rows[16:], left=False)
+    for make in (lambda: PrefixCache(model), lambda: PrefixCache.for_rows(model, rows)):
+        warm = make()
+        for part in (rows[:3], rows[3:9], rows[9:16]):
+            _scores(model, _batch(part, False), prefix_cache=warm)
+        after, _ = _scores(model, later, prefix_cache=warm)
+        alone, _ = _scores(model, later, prefix_cache=make())
+        real = later["attention_mask"].bool()
+        assert torch.equal(after[real], alone[real])
+
+
+def test_for_dataset_takes_the_prefix_every_sample_shares():
+    from tensorguard_fast.backdoor import prefix
+
+    model = _tiny("llama")
+    rows = _rows(6, torch.Generator().manual_seed(11))
+    samples = [Sample(index=i, id=i, line=None, record=None, prompt_ids=r[:-2], answer_ids=r[-2:])
+               for i, r in enumerate(rows)]
+
+    class Data:   # what scan hands over: .samples with input_ids and problem
+        pass
+
+    data = Data()
+    data.samples = samples
+    cache = prefix.for_dataset(model, data)
+    assert prefix.for_dataset(model, data) is cache and len(cache.shared) >= 12
+    _assert_parity(model, collate(samples[:4], 0), cache)
+    assert cache.tokens_reused >= 12 * 4
 
 
 def test_changed_weights_empty_the_cache():

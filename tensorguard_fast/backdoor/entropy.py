@@ -111,13 +111,18 @@ def lm_head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         return _capture(model, input_ids, attention_mask)
     width = input_ids.shape[1]
     hidden = None
+    shared = ()
+    if sharer is not None:
+        shared = sharer.batch_prefix([(row[:n] if side == "right" else row[width - n:]).tolist()
+                                      for row, n in zip(input_ids, lengths.tolist())])
     for group in length_groups(lengths.tolist()):
         rows = torch.tensor(group, device=input_ids.device)
         w = max(1, int(lengths[group[0]]))
         cols = slice(0, w) if side == "right" else slice(width - w, width)
         part = None
         if sharer is not None:
-            part = _capture_shared(sharer, model, input_ids, [int(lengths[i]) for i in group], group, w, side)
+            part = _capture_shared(sharer, model, input_ids, [int(lengths[i]) for i in group], group, w, side,
+                                   shared)
         realigned = part is not None and side == "left"
         if part is None:
             part = _capture(model, input_ids[rows, cols], attention_mask[rows, cols])
@@ -135,7 +140,7 @@ def lm_head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def _capture_shared(sharer: PrefixCache, model, input_ids: torch.Tensor, lengths: list, group: list, w: int,
-                    side: str) -> Optional[torch.Tensor]:
+                    side: str, shared: tuple) -> Optional[torch.Tensor]:
     """The group's rows through the shared-prefix path, laid out right-padded at width w; None if not shared."""
     if side == "right":
         ids = input_ids[torch.tensor(group, device=input_ids.device), :w]
@@ -144,7 +149,7 @@ def _capture_shared(sharer: PrefixCache, model, input_ids: torch.Tensor, lengths
         width = input_ids.shape[1]
         for j, (i, n) in enumerate(zip(group, lengths)):
             ids[j, :n] = input_ids[i, width - n:]
-    return sharer.capture_rows(_capture, model, ids, lengths)
+    return sharer.capture_rows(_capture, model, ids, lengths, shared)
 
 
 def length_groups(lengths, slack: float = 1.2) -> list:

@@ -8,9 +8,12 @@ of each sample with the cached keys/values, positions continued from the prefix 
 prefix to every row, gives each sample the hidden states of its own full forward (to float rounding: the matrix
 shapes differ).
 
-`PrefixCache` keeps the prefixes it has run (keys/values per layer, hidden states) for one model, so a scan that
-holds one across its batches runs the chat template once for the whole dataset. A cached prefix also serves any
-shorter prefix of it (causality: the first m positions' keys/values depend on the first m tokens only).
+`PrefixCache` keeps the prefixes it has run (keys/values per layer, hidden states) for one model. Made for a
+dataset (`for_dataset`, `PrefixCache.for_rows`) it runs the prefix every sample shares once and serves every batch
+from it; without one, each batch shares what its own rows share. Either way a batch's hidden states depend on the
+batch (and the dataset) alone, never on which batches came before, so a resumed scan computes the same bits:
+prefixes are always run from scratch, and a shorter one is cut from the dataset's (causality: the first m
+positions' keys/values depend on the first m tokens only).
 
 Only what we can show equal is shared: model types whose attention we test (`SUPPORTED`), sdpa/eager attention,
 and a sliding window (Gemma-3, Mistral) that no sample crosses. Anything else runs the full forward, logged once.
@@ -20,9 +23,10 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
+import os
 import re
 import weakref
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,35 +53,59 @@ class PrefixCache:
     """Prefixes already run through one model, reused by later batches. Belongs to one model and to its weights as
     they are: changed weights (in place, or moved to another dtype/device) empty it.
 
+    shared: the token prefix every row of the dataset starts with (`for_rows`); batches then take it (cut to leave
+    each row a token). Without it, a batch of >= 2 rows shares what its rows share; a single row, nothing.
     tokens_run: tokens the forward passes that used this cache computed (padding included);
-    tokens_reused: prefix tokens taken from the cache instead of being computed again."""
+    tokens_reused: prefix tokens taken from a prefix run instead of being computed again."""
 
-    def __init__(self, model, max_entries: int = 16):
+    def __init__(self, model, shared: Sequence[int] = (), max_entries: int = 16):
         self._model = weakref.ref(model)
+        self.shared = tuple(int(t) for t in shared)
         self.max_entries = max_entries
         self.entries: "collections.OrderedDict[Tuple[int, ...], _Entry]" = collections.OrderedDict()
         self._weights = _weights_state(model)
-        self._last_row: Tuple[int, ...] = ()
         self.tokens_run = 0
         self.tokens_reused = 0
 
-    def capture_rows(self, capture: Callable, model, ids: torch.Tensor, lengths: List[int]) -> Optional[torch.Tensor]:
+    @classmethod
+    def for_rows(cls, model, rows: Sequence[Sequence[int]], **kw) -> "PrefixCache":
+        """A cache whose shared prefix is the longest one all `rows` (token id lists) start with."""
+        rows = [list(r) for r in rows]
+        return cls(model, shared=os.path.commonprefix(rows) if rows else (), **kw)
+
+    def batch_prefix(self, rows: Sequence[Sequence[int]]) -> Tuple[int, ...]:
+        """The prefix a batch's rows (real token lists) take from a prefix run: the dataset's shared prefix when
+        every row starts with it, else (>= 2 rows) the longest one they all share. The batch decides it alone."""
+        if self.shared and len(self.shared) <= max(map(len, rows)):
+            t = min(len(self.shared), min(map(len, rows)) - 1)
+            if all(tuple(r[:t]) == self.shared[:t] for r in rows):
+                return self.shared
+        if len(rows) < 2:
+            return ()
+        return tuple(os.path.commonprefix([list(r) for r in rows]))
+
+    def capture_rows(self, capture: Callable, model, ids: torch.Tensor, lengths: List[int],
+                     prefix: Tuple[int, ...]) -> Optional[torch.Tensor]:
         """Hidden states (g, w, d) entering the output embedding for right-padded rows `ids` (g, w) of real lengths
-        `lengths`, from the shared prefix and each row's remainder; None when the prefix cannot be shared here (the
-        caller then runs the full forward). `capture(model, ids, mask, position_ids=, cache=)` is the stopped
-        forward."""
+        `lengths`, that all start with `prefix` (`batch_prefix`): the prefix from a prefix run, each row's remainder
+        on its keys/values. None when it cannot be shared here (the caller then runs the full forward).
+        `capture(model, ids, mask, position_ids=, cache=)` is the stopped forward."""
         if self._model() is not model:
             raise ValueError("this PrefixCache belongs to another model; make one per model: PrefixCache(model)")
-        reason = unshareable(model, max(lengths))
+        target = min(len(prefix), min(lengths) - 1)   # each row keeps >= 1 token of its own
+        if target < MIN_PREFIX_TOKENS:
+            return None
+        reason = unshareable(model, max(max(lengths), len(prefix)))
         if reason:
             _log_once(model, reason)
             return None
+        if not bool((ids[:, :target] == torch.tensor(prefix[:target], device=ids.device)).all()):
+            raise ValueError("capture_rows: the rows do not start with the prefix given")
         self._drop_if_weights_changed(model)
         g, width = ids.shape
-        target = self._target_length(ids, lengths)
-        if target < MIN_PREFIX_TOKENS:
-            return None
-        entry = self._entry_for(capture, model, tuple(ids[0, :target].tolist()))
+        entry = self._entry_for(capture, model, prefix)
+        if target < len(prefix):
+            entry = entry.cut(target)
         remainder = ids[:, target:]
         mask = torch.arange(width, device=ids.device).unsqueeze(0) < torch.tensor(lengths, device=ids.device)[:, None]
         positions = torch.arange(target, width, device=ids.device).unsqueeze(0).expand(g, -1)
@@ -87,52 +115,25 @@ class PrefixCache:
         self.tokens_reused += g * target
         return torch.cat([entry.hidden.expand(g, -1, -1), tail], dim=1)
 
-    def _target_length(self, ids: torch.Tensor, lengths: List[int]) -> int:
-        """How many leading tokens to take from a prefix run: those every row shares (one row: those it shares with
-        the last row seen, so a batch-size-1 scan still finds the template), leaving each row >= 1 token."""
-        g, width = ids.shape
-        first = ids[0]
-        if g > 1:
-            same = (ids == first).all(0)
-        else:
-            last = torch.tensor(self._last_row[:width], dtype=ids.dtype, device=ids.device)
-            same = torch.zeros(width, dtype=torch.bool, device=ids.device)
-            same[:last.numel()] = first[:last.numel()] == last
-        self._last_row = tuple(first[:lengths[0]].tolist())
-        differ = (~same).nonzero()
-        common = int(differ[0, 0]) if differ.numel() else width
-        return min(common, min(lengths) - 1)
-
     def _entry_for(self, capture: Callable, model, ids: Tuple[int, ...]) -> _Entry:
-        """The run of prefix `ids`: from the cache, cut from a longer cached run, or extended from the longest
-        cached run that starts it."""
-        best, best_m = None, 0
-        for entry in self.entries.values():
-            m = _common_length(entry.ids, ids)
-            if m > best_m:
-                best, best_m = entry, m
-        if best is not None:
-            self.entries.move_to_end(best.ids)
-        if best_m == len(ids):
-            return best if len(best.ids) == best_m else best.cut(best_m)
-        base = best.cut(best_m) if best is not None else None
-        entry = self._run_prefix(capture, model, ids, base)
+        """The run of prefix `ids`, cached or run now from scratch (so no result depends on what ran before; a
+        group that needs fewer tokens cuts this run)."""
+        if ids in self.entries:
+            self.entries.move_to_end(ids)
+            return self.entries[ids]
+        entry = self._run_prefix(capture, model, ids)
         self.entries[ids] = entry
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
         return entry
 
-    def _run_prefix(self, capture: Callable, model, ids: Tuple[int, ...], base: Optional[_Entry]) -> _Entry:
-        m = 0 if base is None else len(base.ids)
+    def _run_prefix(self, capture: Callable, model, ids: Tuple[int, ...]) -> _Entry:
         device = next(model.parameters()).device
-        new = torch.tensor([ids[m:]], device=device)
-        mask = torch.ones(1, len(ids), dtype=torch.long, device=device)
-        positions = torch.arange(m, len(ids), device=device).unsqueeze(0)
-        cache = _cache_from(model, base, 1) if base is not None else _new_cache(model)
-        hidden = capture(model, new, mask, position_ids=positions, cache=cache)
-        self.tokens_run += len(ids) - m
-        if base is not None:
-            hidden = torch.cat([base.hidden, hidden], dim=1)
+        tokens = torch.tensor([ids], device=device)
+        positions = torch.arange(len(ids), device=device).unsqueeze(0)
+        cache = _new_cache(model)
+        hidden = capture(model, tokens, torch.ones_like(tokens), position_ids=positions, cache=cache)
+        self.tokens_run += len(ids)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         if any(k.shape[-2] != len(ids) for k, _ in kv):   # a layer dropped keys: not the prefix we asked for
             raise RuntimeError(f"{type(model).__name__}: the cache kept {[k.shape[-2] for k, _ in kv]} positions "
@@ -149,13 +150,18 @@ class PrefixCache:
 _caches: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def cache_for(model) -> PrefixCache:
-    """The PrefixCache of `model` in this process (made on first use, dropped with the model): lets a scan reuse a
-    prefix across batches without holding an object of its own."""
-    cache = _caches.get(model)
-    if cache is None:
-        cache = _caches[model] = PrefixCache(model)
-    return cache
+def for_dataset(model, dataset) -> PrefixCache:
+    """The PrefixCache of (`model`, `dataset`) in this process, made on first use from the prefix all of the
+    dataset's scorable samples share (`dataset.samples[i].input_ids`), dropped with either. Lets scan.score_batch
+    run the chat template once per scan without holding an object of its own; every rank of a sharded scan finds
+    the same prefix."""
+    per_model = _caches.setdefault(model, {})
+    held = per_model.get(id(dataset))
+    if held is None or held[0]() is not dataset:
+        rows = [s.input_ids for s in dataset.samples if not getattr(s, "problem", None)]
+        per_model.clear()   # one dataset at a time: an old one's prefix is not kept alive
+        held = per_model[id(dataset)] = (weakref.ref(dataset), PrefixCache.for_rows(model, rows))
+    return held[1]
 
 
 def unshareable(model, max_length: int) -> Optional[str]:
