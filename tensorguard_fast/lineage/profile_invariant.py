@@ -156,11 +156,17 @@ def _blocks(v: torch.Tensor) -> torch.Tensor:
 
 
 class _Counter:
-    def __init__(self):
+    """Non-finite rows. With check=False (the first pass) nothing is looked at: the loader has already refused
+    non-finite tensors unless allow_nonfinite, and a non-finite result sends us to a second, checking pass."""
+
+    def __init__(self, check: bool):
         self.rows = 0
+        self.check = check
 
     def clean(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Zero the non-finite lines of a product (a line along `dim` = one row of the weight that made it)."""
+        if not self.check:
+            return t
         bad = ~torch.isfinite(t)
         if bad.any():
             lines = bad.any(dim=dim)
@@ -171,6 +177,13 @@ class _Counter:
 
 def invariant_features(source: WeightSource, seed: int = 0, device=torch.device("cpu"), config=None):
     """(names, values, metadata) of the invariant fingerprint for `source`."""
+    names, values, meta = _features(source, seed, device, config, check=False)
+    if not np.isfinite(values).all():  # a NaN/Inf weight got through (allow_nonfinite): again, zeroing its rows
+        names, values, meta = _features(source, seed, device, config, check=True)
+    return names, values.tolist(), meta
+
+
+def _features(source: WeightSource, seed, device, config, check: bool):
     keys = list(source.keys())
     mats = {k: role_of(k) for k in keys if len(source.shape(k)) == 2}
     embed_keys = [k for k, r in mats.items() if r == "embed"]
@@ -184,7 +197,7 @@ def invariant_features(source: WeightSource, seed: int = 0, device=torch.device(
     act_name = cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if gemma_style
                                                                          else "silu")
     act = _act(str(act_name))
-    counter = _Counter()
+    counter = _Counter(check)
     fdev = dict(device=device, dtype=torch.float32)
 
     # --- vocabulary: anchor rows only (the loader has checked the whole tensor for NaN/Inf unless told not to)
@@ -281,13 +294,14 @@ def invariant_features(source: WeightSource, seed: int = 0, device=torch.device(
                 o = _rmsnorm(o) * g
             blocks["mlp"] = o @ xk.T
         for name, m in blocks.items():
-            raw[name].append(_centre(m).reshape(-1))
+            raw[name].append(m)
             depths[name].append(depth)
 
     parts = [_blocks(_centre(xq @ xk.T).reshape(1, -1))[0]]
     counts = {}
     for name in LAYER_BLOCKS:
-        per_layer = _blocks(torch.stack(raw[name])) if raw[name] else None  # (layers, QUERIES * KEYS)
+        # (layers, QUERIES * KEYS): centred and scaled per layer, all layers at once
+        per_layer = _blocks(_centre(torch.stack(raw[name])).reshape(len(raw[name]), -1)) if raw[name] else None
         for d in range(DEPTH_BINS):
             sel = [i for i, dd in enumerate(depths[name]) if dd == d]
             counts[(name, d)] = len(sel)
@@ -301,4 +315,4 @@ def invariant_features(source: WeightSource, seed: int = 0, device=torch.device(
             "norm_offset": offset, "activation": str(act_name),
             "roles_missing": sorted({b for b in LAYER_BLOCKS if not any(counts.get((b, d)) for d in
                                                                         range(DEPTH_BINS))})}
-    return feature_names(), values.tolist(), meta
+    return feature_names(), values, meta
