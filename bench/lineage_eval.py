@@ -391,7 +391,8 @@ def main(argv=None):
         for method, r in report["profiles"][run]["classification"].items():
             print(f"| {run} {RUNS[run]} | {method} | {r['closed_set_accuracy']:.3f} | {r['open_set_accuracy']:.3f} | "
                   f"{r['unknown_detection']:.3f} | {r['min_margin']:.3g} ({r['min_margin_model']}) | "
-                  f"{r['min_open_set_slack']:.3g} ({r['min_open_set_slack_model']}) | {r['min_unknown_slack']:.3g} |")
+                  f"{r['min_open_set_slack']:.3g} ({r['min_open_set_slack_model']}) | "
+                  f"{'n/a' if r['min_unknown_slack'] is None else format(r['min_unknown_slack'], '.3g')} |")
     for run in RUNS:
         print(f"\n{run}: distance to own base vs nearest other base")
         for r in report["profiles"][run]["distances"]:
