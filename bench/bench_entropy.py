@@ -1,111 +1,186 @@
-"""fast_entropy against the GradSentry way and against a plain batched forward pass, on SmolLM2, same 16 samples.
+"""Scan throughput of fast_entropy with and without the shared-prefix forward, against the GradSentry way and a
+plain batched forward: SmolLM2, a fanoutqa scan set, with the chat template and without, same run.
 
-    PYTHONPATH=. python bench/bench_entropy.py [--repeats 5] [--no-memory]
+    PYTHONPATH=. python bench/bench_entropy.py [--samples 200] [--repeats 3] [--threads 1] [--gradsentry 8]
 
-Routes (all on the same 16 fanoutqa samples, chat template, answer + EOS scored):
-- gradsentry: batch size 1, model.train() as GradSentry calls it, autograd.grad of the mean answer loss w.r.t. the
-  lm_head weight (a full backward pass: the weight is tied to the input embedding), crop [:V/8, :d/8],
-  torch.svd_lowrank(q=16, niter=2), normalised entropy. One sample after another.
-- fast_entropy: one batched forward pass that stops at the lm_head input, Gram route (spectrum="svd").
-- forward: model(**batch) under no_grad, logits included: the floor a scoring pass cannot go below by much.
-Goals (issue 4): gradsentry / fast_entropy >= 8 (throughput), fast_entropy / forward <= 1.15. Peak memory of each
-route in a fresh process (bench/_memory.py). Writes bench/results/bench_entropy.json.
+Data: tensorguard_fast.evaluation.attacks.poisoned_set('badnets', N, 0.1) read by the scan's own loader
+(load_samples, answer + EOS scored), cut into the scan's batches (plan_batches: sorted by length, 16 a batch).
+Routes, each scoring the whole set batch by batch as scan.score_batch does (forward + Gram spectrum + entropy):
+- gradsentry: batch size 1, model.train(), autograd of the mean answer loss w.r.t. the lm_head weight (a full
+  backward pass), crop, torch.svd_lowrank(q=16, niter=2), entropy; on the first --gradsentry samples only (its cost
+  is per sample), reported per sample.
+- today: the full forward per length group (share_prefix=False), as before the shared prefix.
+- shared_batch: the shared prefix found and run once per batch (what fast_entropy / scan do with no cache held).
+- shared_scan: one PrefixCache for the whole scan, made from the prefix every sample shares (scan.py with the
+  prefix hook, prefix.for_dataset): the template runs once per scan.
+- forward: model(**batch) under no_grad, logits included, on the same batches: a plain batched forward.
+tokens = tokens the forward passes computed (padding included; gradsentry: real tokens, plus its backward).
+Rounds alternate the route order; medians of each route and of the per-round ratios (on a loaded machine the
+per-round ratios are the numbers to read: a route's own median moves with the load). Writes
+bench/results/bench_entropy.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
+import statistics
 import sys
+import tempfile
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import machine_info, print_table, timeit, write_results  # noqa: E402
+from _common import machine_info, print_table, write_results  # noqa: E402
 
-N_SAMPLES = 16
-
-
-def setup():
-    from tensorguard_fast.evaluation.attacks import fanoutqa_pairs
-    from tensorguard_fast.io.bundled import load_bundled
-    from tensorguard_fast.backdoor.datasets import Sample, collate, pad_id
-
-    model, tok = load_bundled("smollm2")
-    pairs = random.Random(0).sample(fanoutqa_pairs(max_answer_chars=200), N_SAMPLES)
-    samples = []
-    for i, (q, a) in enumerate(pairs):
-        prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        samples.append(Sample(index=i, id=i, line=None, record=None,
-                              prompt_ids=tok.encode(prompt, add_special_tokens=False),
-                              answer_ids=tok.encode(a, add_special_tokens=False) + [tok.eos_token_id]))
-    singles = [collate([s], pad_id(tok)) for s in samples]
-    return model, collate(samples, pad_id(tok)), singles
+BATCH = 16
 
 
-def routes(model, batch, singles):
+def load_sets(tok, n):
+    """{'chat_template': dataset, 'no_template': dataset}: the same records through the scan's loader."""
+    from tensorguard_fast.backdoor.datasets import load_samples
+    from tensorguard_fast.evaluation.attacks import poisoned_set, write_jsonl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "train.jsonl")
+        write_jsonl(poisoned_set("badnets", n, 0.1, seed=0), path)
+        return {"chat_template": load_samples(path, tok, max_len=512, use_chat_template=True),
+                "no_template": load_samples(path, tok, max_len=512, use_chat_template=False)}
+
+
+def batches_of(model, tok, dataset):
+    from tensorguard_fast.backdoor.datasets import collate, pad_id
+    from tensorguard_fast.backdoor.scan import plan_batches
+
+    plan = plan_batches(dataset, range(len(dataset)), BATCH)
+    return [collate([dataset.samples[i] for i in b], pad_id(tok)) for b in plan]
+
+
+def group_tokens(batch):
+    """Tokens the full forward computes for a batch: each length group at its own width."""
+    from tensorguard_fast.backdoor.entropy import length_groups
+
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    return sum(lengths[g[0]] * len(g) for g in length_groups(lengths))
+
+
+def routes(model, batches, gradsentry_n):
+    """name -> fn() returning (scores, tokens computed)."""
     from tensorguard_fast import reference
-    from tensorguard_fast.backdoor.entropy import fast_entropy
+    from tensorguard_fast.backdoor import entropy
+    from tensorguard_fast.backdoor.prefix import PrefixCache
+    from tensorguard_fast.ops.gram_entropy import gram_spectrum_from_hidden, spectral_entropy
+
+    def score(batch, **kw):
+        hidden, weight, targets = entropy.gradient_inputs(model, batch, **kw)
+        svals, _ = gram_spectrum_from_hidden(hidden, weight, targets)
+        return spectral_entropy(svals, 16)
+
+    def today():
+        return torch.cat([score(b, share_prefix=False) for b in batches]), sum(group_tokens(b) for b in batches)
+
+    def shared_batch():
+        out, tokens = [], 0
+        for b in batches:
+            cache = PrefixCache(model)
+            out.append(score(b, prefix_cache=cache))
+            tokens += cache.tokens_run
+        return torch.cat(out), tokens
+
+    rows = [b["input_ids"][r, :int(b["attention_mask"][r].sum())].tolist()
+            for b in batches for r in range(b["input_ids"].shape[0])]
+
+    def shared_scan():   # as scan with the hook: prefix.for_dataset(model, dataset)
+        cache = PrefixCache.for_rows(model, rows)
+        return torch.cat([score(b, prefix_cache=cache) for b in batches]), cache.tokens_run
+
+    def forward():
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+        return None, sum(b["input_ids"].numel() for b in batches)
+
+    every = [{k: v[r:r + 1, :int(b["attention_mask"][r].sum())] for k, v in b.items()}
+             for b in batches for r in range(b["input_ids"].shape[0])]
+    step = max(1, len(every) // max(1, gradsentry_n))
+    singles = every[::step][:gradsentry_n]   # spread over the length-sorted set: its own length mix
 
     def gradsentry():
         model.train()
         try:
-            return [reference.gradsentry_lowrank_entropy(reference.gradsentry_gradient(model, b["input_ids"],
-                                                                                       b["labels"]))
-                    for b in singles]
+            s = [reference.gradsentry_lowrank_entropy(reference.gradsentry_gradient(model, b["input_ids"], b["labels"]))
+                 for b in singles]
         finally:
             model.eval()
+        return s, sum(b["input_ids"].numel() for b in singles)
 
-    def fast():
-        return fast_entropy(model, batch, spectrum="svd")
-
-    def forward():
-        with torch.no_grad():
-            return model(**batch).logits
-
-    return {"gradsentry": gradsentry, "fast_entropy": fast, "forward": forward}
+    return {"today": today, "shared_batch": shared_batch, "shared_scan": shared_scan, "forward": forward,
+            "gradsentry": gradsentry}, len(singles)
 
 
-def memory_probe(route: str) -> None:
-    from _memory import rss_peak_bytes_here
-
-    model, batch, singles = setup()
-    fn = routes(model, batch, singles)[route]
-    print(json.dumps({"peak_bytes": rss_peak_bytes_here(fn)}))
+def run_set(model, batches, repeats, gradsentry_n):
+    fns, n_gs = routes(model, batches, gradsentry_n)
+    n = sum(b["input_ids"].shape[0] for b in batches)
+    names = list(fns)
+    times = {k: [] for k in names}
+    tokens, scores = {}, {}
+    warm, _ = routes(model, batches[:1], 1)
+    for fn in warm.values():
+        fn()
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]   # no route always first or last
+        for name in order:
+            t0 = time.perf_counter()
+            scores[name], tokens[name] = fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    per_sample = {k: statistics.median(v) / (n_gs if k == "gradsentry" else n) for k, v in times.items()}
+    # same samples, same round: a time ratio is a throughput ratio
+    paired = {f"{a}_over_{b}": statistics.median(times[a][i] / times[b][i] for i in range(repeats))
+              for a, b in [("today", "shared_scan"), ("today", "shared_batch"), ("forward", "shared_scan")]}
+    for b in ("shared_scan", "today"):   # per sample, same round
+        paired[f"gradsentry_over_{b}"] = statistics.median(times["gradsentry"][i] / n_gs / (times[b][i] / n)
+                                                           for i in range(repeats))
+    parity = float((scores["today"] - scores["shared_scan"]).abs().nan_to_num(0).max())
+    rows = [{"route": k, "samples": n_gs if k == "gradsentry" else n, "p50_s_per_sample": per_sample[k],
+             "samples_per_s": 1 / per_sample[k], "tokens": tokens[k],
+             "tokens_per_sample": tokens[k] / (n_gs if k == "gradsentry" else n),
+             "runs_s": [round(t, 3) for t in times[k]]} for k in names]
+    return rows, paired, parity
 
 
 def main(argv=None):
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--memory-probe":
-        return memory_probe(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--gradsentry", type=int, default=8, help="samples the GradSentry way scores per round")
+    ap.add_argument("--note", default="", help="what the machine was doing (recorded in the JSON)")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    model, batch, singles = setup()
-    fns = routes(model, batch, singles)
-    times = {name: timeit(fn, repeats=args.repeats if name != "gradsentry" else max(2, args.repeats // 2))
-             for name, fn in fns.items()}
-    memory = {}
-    if not args.no_memory:
-        from _memory import rss_peak_bytes_subprocess
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tensorguard_fast.io.bundled import load_bundled
 
-        memory = {name: rss_peak_bytes_subprocess(os.path.abspath(__file__), [name]) for name in fns}
-    tokens = int(batch["attention_mask"].sum())
-    rows = []
-    for name, t in times.items():
-        rows.append({"route": name, "p20_s": t["p20"], "p50_s": t["p50"], "p80_s": t["p80"],
-                     "samples_per_s": N_SAMPLES / t["p50"], "peak_MiB": memory.get(name, 0) / 2**20 or None})
-    ratios = {"gradsentry_over_fast": times["gradsentry"]["p50"] / times["fast_entropy"]["p50"],
-              "fast_over_forward": times["fast_entropy"]["p50"] / times["forward"]["p50"]}
-    print_table(f"SmolLM2-135M, {N_SAMPLES} samples ({tokens} tokens), {torch.get_num_threads()} threads", rows,
-                ["route", "p20_s", "p50_s", "p80_s", "samples_per_s", "peak_MiB"])
-    print(f"\nthroughput fast_entropy / GradSentry way: {ratios['gradsentry_over_fast']:.1f}x (goal >= 8)")
-    print(f"time fast_entropy / plain forward:       {ratios['fast_over_forward']:.3f} (goal <= 1.15)")
-    write_results("bench_entropy", rows, {"ratios": ratios, "samples": N_SAMPLES, "tokens": tokens,
-                                          "machine_note": machine_info().get("cpu")})
+    torch.manual_seed(0)
+    model, tok = load_bundled("smollm2")
+    model.eval()
+    results = {}
+    for name, dataset in load_sets(tok, args.samples).items():
+        batches = batches_of(model, tok, dataset)
+        load_before = os.getloadavg()[0]
+        rows, ratios, parity = run_set(model, batches, args.repeats, args.gradsentry)
+        results[name] = {"rows": rows, "ratios": ratios, "max_score_diff_today_vs_shared": parity,
+                         "real_tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+                         "load_avg_1min": [load_before, os.getloadavg()[0]]}
+        print_table(f"SmolLM2-135M, fanoutqa, {name}, {args.samples} samples in batches of {BATCH}, "
+                    f"{torch.get_num_threads()} threads", rows,
+                    ["route", "samples", "p50_s_per_sample", "samples_per_s", "tokens", "tokens_per_sample"])
+        for k, v in ratios.items():
+            print(f"  {k}: {v:.2f}")
+        print(f"  max |score today - score shared_scan|: {parity:.2e}")
+    write_results("bench_entropy", [], {"sets": results, "threads": torch.get_num_threads(), "batch": BATCH,
+                                        "samples": args.samples, "repeats": args.repeats, "note": args.note,
+                                        "cpu": machine_info().get("cpu")})
 
 
 if __name__ == "__main__":
