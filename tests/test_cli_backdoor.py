@@ -153,7 +153,7 @@ def test_real_scan_exit_codes_and_explanations(smollm2_dir, tmp_path, capsys):
     data = _data(tmp_path, 20)
     out = tmp_path / "out"
     common = ["--model", "bundled:smollm2", "--data", data, "--out", str(out), "--max-len", "48",
-              "--batch-size", "10", "--device", "cpu"]
+              "--batch-size", "10", "--device", "cpu", "--score", "gradsentry"]
     code, stdout, err = _scan(capsys, *common)
     summary = json.loads((out / "summary.json").read_text())
     assert code == 3 and "could not decide" in err and "--allow-degenerate" in err

@@ -38,7 +38,8 @@ def test_scan_writes_every_file(smollm2, tmp_path):
     model, tok = smollm2
     path, lines = _dataset(tmp_path)
     out = tmp_path / "out"
-    summary = scan(model, tok, str(path), str(out), batch_size=4, threshold="topk:0.2", max_len=48, progress=False)
+    summary = scan(model, tok, str(path), str(out), batch_size=4, score="gradsentry", threshold="topk:0.2", max_len=48,
+                   progress=False)
     scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == len(lines)
     assert [s["id"] for s in scores][:3] == ["s0", "s1", "s2"] and scores[3]["id"] == "line:4"
@@ -81,7 +82,7 @@ def test_scan_refuses_other_settings_in_the_same_dir(smollm2, tmp_path):
     path.write_text(json.dumps({"question": "Capital of France?", "answer": "Paris"}) + "\n")
     scan(model, tok, str(path), str(tmp_path / "o"), progress=False)
     with pytest.raises(ValueError, match="other settings"):
-        scan(model, tok, str(path), str(tmp_path / "o"), spectrum="fft", progress=False)
+        scan(model, tok, str(path), str(tmp_path / "o"), spectrum="fft", score="fft", progress=False)
 
 
 def test_read_part_drops_a_torn_last_line(tmp_path):
@@ -94,7 +95,8 @@ def test_read_part_drops_a_torn_last_line(tmp_path):
 def _cli(data, out, *extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return [sys.executable, "-m", "tensorguard_fast.cli", "scan", "--model", "bundled:smollm2", "--data", str(data),
-            "--out", str(out), "--batch-size", "2", "--threshold", "topk:0.2", "--no-progress", *extra], env
+            "--out", str(out), "--batch-size", "2", "--score", "gradsentry", "--threshold", "topk:0.2", "--no-progress",
+            *extra], env
 
 
 def test_killed_scan_resumes_to_the_same_files(smollm2, tmp_path):
@@ -122,5 +124,5 @@ def test_killed_scan_resumes_to_the_same_files(smollm2, tmp_path):
     assert sorted(indices) == list(range(len(records)))          # nothing lost, nothing done twice
 
     whole = tmp_path / "whole"
-    scan(model, tok, str(data), str(whole), batch_size=2, threshold="topk:0.2", progress=False)
+    scan(model, tok, str(data), str(whole), batch_size=2, score="gradsentry", threshold="topk:0.2", progress=False)
     assert _outputs(killed) == _outputs(whole)

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Optional
 
-from .scores import DEFAULT_SCORE, SCORES
+from .rules import DEFAULT as DEFAULT_SCORE, SCORES
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,8 @@ def add_arguments(p) -> None:
     p.add_argument("--spectrum", choices=("svd", "fft"), default="svd",
                    help="svd: singular values of the gradient crop; fft: FFT spectral entropy of it")
     p.add_argument("--score", choices=SCORES, default=None,
-                   help="gradsentry: GradSentry's score; energy: entropy of squared singular values (less confounded "
-                        "by answer length); fft: with --spectrum fft (default: fft for --spectrum fft, else "
-                        f"{DEFAULT_SCORE})")
+                   help="; ".join(f"{s.name}: {s.help}" for s in SCORES.values()) +
+                        f" (default: fft for --spectrum fft, else {DEFAULT_SCORE})")
     p.add_argument("--threshold", default="kde", type=_threshold,
                    help="kde (GradSentry's KDE valley), otsu, mad, gmm, topk:RATIO (exactly round(RATIO x scored) "
                         "flagged, ties broken by input order), or a finite number")

@@ -13,11 +13,12 @@ layer (outputs.py) only renders a Decision; it never decides.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 import numpy as np
 
+from .association import AssociationConfig, associate, unit_rows
 from .datasets import Dataset
 from .scores import compute_scores
 from .threshold import choose_threshold, parse_threshold
@@ -71,3 +72,65 @@ def threshold_decision(rows: List[Optional[dict]], dataset: Dataset, score: str,
     return Decision(values, score, flagged, reasons, "flagged" if flagged.any() else "no_poison_found", summary,
                     components, th.value)
 
+
+
+def association_decision(rows: List[Optional[dict]], dataset: Dataset, decode_token=None,
+                         config: Optional[AssociationConfig] = None) -> Decision:
+    """The association rule (association.py): flags the samples whose answer joins a shared payload cluster that
+    goes with trigger tokens in their prompts; GradSentry's entropy is a component and a vote, not the cut."""
+    config = config or AssociationConfig()
+    entropy = np.round(compute_scores(rows, score="gradsentry", spectrum="svd"), 10)
+    scored = [i for i, r in enumerate(rows) if r is not None and r.get("sketch") and np.isfinite(entropy[i])]
+    n = len(rows)
+    if not scored:
+        return Decision(entropy, "gradsentry", np.zeros(n, bool), [None] * n, "undecided",
+                        {"rule": "association", "why": "no sample has a sketch (no answer token scored)"},
+                        [{} for _ in rows])
+    sketches = np.stack([decode_sketch(rows[i]["sketch"]) for i in scored]).astype(np.float32)
+    prompts = [dataset.samples[i].prompt_ids for i in scored]
+    result = associate(sketches, prompts, entropy[scored], config)
+    words = (lambda ids: [decode_token(t) for t in ids]) if decode_token else (lambda ids: ids)
+    groups = [{**g.figures(), "trigger_text": words(g.tokens)} for g in result.accepted]
+    flagged = np.zeros(n, bool)
+    flagged[scored] = result.flagged
+    components: List[dict] = [{} for _ in rows]
+    reasons: List[Optional[str]] = [None] * n
+    x = unit_rows(sketches)
+    centre = _payload_direction(x, result.flagged)
+    for j, i in enumerate(scored):
+        c = {"gradsentry": float(entropy[i]), "neighbours_in_cluster": int(result.inside[j])}
+        if centre is not None:
+            c["payload_similarity"] = round(float(x[j] @ centre), 6)
+        if result.group[j] >= 0:
+            g = groups[result.group[j]]
+            c["cluster"] = int(result.group[j])
+            reasons[i] = (f"answer joins payload cluster {c['cluster']} (core {g['core']}, purity {g['purity']:.2f}) "
+                          f"whose prompts share {g['trigger_text'][:4]}")
+        else:
+            reasons[i] = "kept: its answer joins no payload cluster that goes with shared prompt tokens"
+        components[i] = c
+    best = max(result.candidates, key=lambda g: g.purity, default=None)
+    summary = {"rule": "association", "config": asdict(config), "clusters": groups,
+               "candidates_tested": len(result.candidates)}
+    status = "flagged" if flagged.any() else "no_poison_found"
+    if not flagged.any():
+        summary["evidence"] = ("no candidate answer cluster had prompt tokens over-represented with purity >= "
+                               f"{config.min_purity} and entropy lift >= {config.min_entropy_lift}" +
+                               (f"; the purest was {best.figures()}" if best is not None else
+                                "; no candidate had over-represented prompt tokens"))
+    return Decision(entropy, "gradsentry", flagged, reasons, status, summary, components, None,
+                    ("gradsentry", "payload_similarity") if centre is not None else None)
+
+
+def decode_sketch(text: str) -> np.ndarray:
+    from .features import decode
+
+    return decode(text)
+
+
+def _payload_direction(x: np.ndarray, flagged: np.ndarray) -> Optional[np.ndarray]:
+    """Unit direction from the rest of the set to the flagged samples (the 2-D plot's axis), None when none."""
+    if not flagged.any() or flagged.all():
+        return None
+    v = x[flagged].mean(0) - x[~flagged].mean(0)
+    return v / max(float(np.linalg.norm(v)), 1e-12)

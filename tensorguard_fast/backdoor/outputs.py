@@ -29,13 +29,12 @@ from .decision import Decision, threshold_decision
 from .parts import merge_parts
 from .plots import histogram, scatter
 from .report import write_report
-from .scores import DEFAULT_SCORE
 
 log = logging.getLogger(__name__)
 MAX_IDS = 100   # flagged ids listed in summary.json (all of them are in flagged.jsonl)
 
 
-def finish(out_dir: str, dataset: Dataset, spectrum: str = "svd", score: str = DEFAULT_SCORE,
+def finish(out_dir: str, dataset: Dataset, spectrum: str = "svd", score: str = "gradsentry",
            threshold: str = "kde", seconds: Optional[float] = None, extra: Optional[dict] = None,
            decide: Optional[Callable[[List[Optional[dict]], Dataset], Decision]] = None) -> dict:
     """Merge the parts, decide (decide(rows, dataset) -> Decision; default: GradSentry's threshold rule with

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .scores import DEFAULT_SCORE
+from .rules import DEFAULT as DEFAULT_SCORE
 
 OUTPUT_FILES = ("scan_config.json", "parts/", "scores.jsonl", "flagged.jsonl", "{clean}", "{removed}",
                 "summary.json", "histogram.png", "scatter.png (when the rule has two components)", "report.html")

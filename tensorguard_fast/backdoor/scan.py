@@ -28,12 +28,13 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import distributed
-from . import entropy
+from . import entropy, prefix
 from .datasets import Dataset, collate, load_samples, pad_id
+from .features import encode, spectra_and_sketches
 from .outputs import finish
 from .parts import PARTS, read_part
 from .scan_config import check_config, scan_config
-from .scores import DEFAULT_SCORE
+from .rules import DEFAULT as DEFAULT_SCORE, SCORES
 
 
 
@@ -46,13 +47,13 @@ def plan_batches(dataset: Dataset, indices: Sequence[int], batch_size: int) -> L
 
 def score_batch(model, tokenizer, dataset: Dataset, batch_indices: Sequence[int], spectrum: str = "svd",
                 crop: int = 8) -> List[dict]:
-    """Raw results of one batch: singular values (all of them) and n_answer_tokens, plus the FFT entropy when
-    spectrum == 'fft'. One forward pass."""
+    """Raw results of one batch: singular values (all of them), n_answer_tokens and the compact gradient sketch
+    (features.py), plus the FFT entropy when spectrum == 'fft'. One forward pass, one pass over the vocabulary."""
     samples = [dataset.samples[i] for i in batch_indices]
     device = next(model.parameters()).device
     batch = collate(samples, pad_id(tokenizer), device=device)
-    hidden, weight, targets = entropy.gradient_inputs(model, batch)
-    svals, n_tokens = entropy.gram_spectrum_from_hidden(hidden, weight, targets, crop=crop)
+    hidden, weight, targets = entropy.gradient_inputs(model, batch, prefix_cache=prefix.for_dataset(model, dataset))
+    svals, n_tokens, sketches = spectra_and_sketches(hidden, weight, targets, crop)
     fft = None
     if spectrum == "fft":
         fft = entropy.fft_entropy_from_hidden(hidden, weight, targets, crop=crop).to(torch.float64).cpu()
@@ -61,7 +62,7 @@ def score_batch(model, tokenizer, dataset: Dataset, batch_indices: Sequence[int]
         n = int(n_tokens[j])
         s = svals[j, :max(n, 1)].cpu().tolist()
         rows.append({"index": i, "n_answer_tokens": n, "svals": s,
-                     "fft": None if fft is None else float(fft[j])})
+                     "fft": None if fft is None else float(fft[j]), "sketch": encode(sketches[j]) if n else None})
     return rows
 
 
@@ -109,6 +110,11 @@ def scan(model, tokenizer, data: str, out_dir: str, spectrum: str = "svd", score
         raise ValueError(f"spectrum={spectrum!r}: choose one of {entropy.SPECTRA}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if score not in SCORES:
+        raise ValueError(f"score={score!r}: choose one of {sorted(SCORES)}")
+    rule = SCORES[score]
+    if rule.spectrum != spectrum:
+        raise ValueError(f"score {score!r} needs spectrum={rule.spectrum!r}")
     check_vocab(model, tokenizer)
     dataset = load_samples(data, tokenizer, max_len=max_len, prompt_field=prompt_field, answer_field=answer_field)
     config = {**scan_config(model_name, dataset, spectrum, crop, max_len, batch_size, model=model),
@@ -127,8 +133,11 @@ def scan(model, tokenizer, data: str, out_dir: str, spectrum: str = "svd", score
     seconds = time.perf_counter() - start
     extra = {"model": model_name, "data": os.path.abspath(dataset.path) if os.path.exists(dataset.path) else dataset.path, "max_len": max_len, "batch_size": batch_size,
              "world_size": w.size}
-    summary = _on_every_rank(w, lambda: finish(out_dir, dataset, spectrum, score, threshold, seconds, extra)
-                             if w.is_main else None)
+    def decide(rows, ds):
+        return rule.decide(rows, ds, threshold, decode_token=lambda t: tokenizer.decode([t]))
+
+    summary = _on_every_rank(w, lambda: finish(out_dir, dataset, spectrum, score, threshold, seconds, extra,
+                                               decide=decide) if w.is_main else None)
     if summary is None:
         with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as fh:
             summary = json.load(fh)

