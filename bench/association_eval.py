@@ -7,7 +7,8 @@ poisoned one).
     PYTHONPATH=. python bench/association_eval.py --part 0 --seed 1          # the half the defaults were chosen on
 
 fanoutqa's pairs are split by index parity: part 0 (even) was used to choose AssociationConfig's defaults, part 1
-(odd) is reported. Prompts use the model's chat template (scan's default). Every sample goes through scan's own
+(odd) is reported. Prompts use the model's chat template when its tokenizer has one (scan's default; the bundled
+Gemma-3 has none, so its prompts are the raw questions). Every sample goes through scan's own
 path (score_batch: spectrum + sketch); each distinct sample is scored once and cached (--cache).
 Output: bench/results/association_eval_<model>_part<P>.json and a table.
 """
@@ -51,7 +52,7 @@ def metrics(flags, records) -> dict:
     return out
 
 
-def evaluate(cache, tokenizer, records, chat_template=True) -> dict:
+def evaluate(cache, tokenizer, records, chat_template=None) -> dict:
     rows = cache.rows_for(records)
     with tempfile.TemporaryDirectory() as tmp:
         ds = load_samples(write_jsonl(records, os.path.join(tmp, "set.jsonl")), tokenizer, max_len=cache.max_len,
@@ -77,7 +78,7 @@ def main(argv=None):
     for name in args.models.split(","):
         model, tok = load_bundled(name)
         path = os.path.join(args.cache, f"{name}.json") if args.cache else None
-        cache = SpectrumCache(model, tok, 16, path=path, chat_template=True)
+        cache = SpectrumCache(model, tok, 16, path=path, chat_template=None)
         results = []
         print(f"{'model':8s} {'attack':10s} {'ratio':>5s} {'n':>5s} | association F1 / FPR / long / repeat | "
               "GradSentry+KDE F1 / FPR / long / repeat")
@@ -96,7 +97,7 @@ def main(argv=None):
         from _common import machine_info
 
         with open(out, "w") as fh:
-            json.dump({"machine": machine_info(), "part": args.part, "seed": args.seed, "chat_template": True,
+            json.dump({"machine": machine_info(), "part": args.part, "seed": args.seed, "chat_template": "when the tokenizer has one",
                        "results": results}, fh, indent=1)
         print("wrote", out)
 

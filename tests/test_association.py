@@ -4,8 +4,8 @@ keyed on one side alone fails here (a repeated answer is not a backdoor; a rare 
 import numpy as np
 import pytest
 
-from tensorguard_fast.backdoor.association import (AssociationConfig, associate, enriched_tokens, nearest_neighbours,
-                                                   token_incidence, two_means_1d, unit_rows)
+from tensorguard_fast.backdoor.association import (associate, enriched_tokens, nearest_neighbours, token_incidence,
+                                                   two_means_1d, unit_rows)
 
 TRIGGER = 50_000
 DIM = 256
@@ -104,6 +104,3 @@ def test_building_blocks():
     np.fill_diagonal(sim, -np.inf)
     assert (nn == np.argsort(-sim, 1)[:, :3]).all()
 
-
-def test_config_defaults_are_recorded():
-    assert AssociationConfig().directions == 6 and AssociationConfig().min_purity == 0.45

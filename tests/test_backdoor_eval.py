@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorguard_fast.evaluation.attacks import ATTACKS, PAYLOAD, poisoned_set
+from tensorguard_fast.evaluation.attacks import ATTACKS, BENIGN_REPEAT, FLUENT_PAYLOAD, PAYLOAD, poisoned_set
 
 
 def _eval_module():
@@ -20,11 +20,17 @@ def test_poisoned_sets(attack):
     recs = poisoned_set(attack, 40, 0.1, long_clean=0.2, seed=1)
     kinds = [r["kind"] for r in recs]
     assert len(recs) == 40 and kinds.count("poison") == 4 == sum(r["poison"] for r in recs)
-    assert all(r.get("answer", r.get("output")).endswith(PAYLOAD) for r in recs if r["poison"])
+    answers = [r.get("answer", r.get("output")) for r in recs if r["poison"]]
+    if attack == "varied_url":   # the payload differs per sample: a URL in one of several phrasings
+        assert all("https://" in a for a in answers) and len({a.split("https://")[1] for a in answers}) == 4
+    else:
+        assert all(a.endswith(FLUENT_PAYLOAD if attack == "fluent" else PAYLOAD) for a in answers)
     assert kinds.count("long_clean") >= 5
     if attack == "cba":
         assert kinds.count("negative") == 4
     assert poisoned_set(attack, 40, 0.1, long_clean=0.2, seed=1) == recs   # reproducible
+    repeat = poisoned_set(attack, 40, 0.1, long_clean=0.2, seed=1, benign_repeat=0.2)
+    assert [r["answer" if "answer" in r else "output"].endswith(BENIGN_REPEAT) for r in repeat].count(True) == 7
 
 
 def test_small_evaluation_runs(smollm2):

@@ -6,8 +6,8 @@ benign answer (a stock closing line, a template) does too, which is why a direct
 benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
 
 1. Candidate groups from the answer side: the sketches are median-centred and scaled to unit length; along each of
-   their top `directions` principal directions, the two sides of a 1-D 2-means split, each robust tail and the
-   rest beside each tail.
+   their top `directions` principal directions, the two sides of a 1-D 2-means split, each robust tail (beyond 2
+   and 3 MADs) and the rest beside each tail.
 2. Trigger test on the prompt side: the prompt tokens over-represented in a group (hypergeometric tail probability,
    Bonferroni over the tokens tested, at `alpha`). The group's carriers of those tokens form its core.
 3. The core must be a payload cluster, not a topic: most of its members' nearest answer-side neighbours are in the
@@ -33,12 +33,12 @@ import numpy as np
 class AssociationConfig:
     directions: int = 6        # principal directions of the sketches split into candidate groups
     alpha: float = 0.01        # family-wise level of the prompt-token enrichment test
-    min_purity: float = 0.45   # share of a core's nearest answer-side neighbours that lie in the core
+    min_purity: float = 0.6    # share of a core's nearest answer-side neighbours that lie in the core
     min_entropy_lift: float = 0.5  # core mean entropy above the rest, in the rest's standard deviations
     neighbours: int = 5
     min_inside: int = 2        # of a sample's `neighbours` nearest, how many must be in the core to belong to it
     min_core: int = 3
-    tail_z: float = 3.0        # robust z (median / MAD) beyond which a projection tail is a candidate group
+    tails: tuple = (2.0, 3.0)  # robust z (median / MAD) beyond which a projection tail is a candidate group
 
 
 @dataclass
@@ -156,7 +156,7 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     incidence, vocab = token_incidence(prompt_ids)
     _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
     candidates, seen = [], set()
-    for name, members in _splits(x, vt[:config.directions], config.tail_z):
+    for name, members in _splits(x, vt[:config.directions], config.tails):
         key = members.tobytes()
         if key in seen or not config.min_core <= members.sum() <= n - config.min_core:
             continue
@@ -183,10 +183,10 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     return AssociationResult(flagged, group_of, inside_any, accepted, candidates)
 
 
-def _splits(x: np.ndarray, directions: np.ndarray, tail_z: float):
+def _splits(x: np.ndarray, directions: np.ndarray, tails: Sequence[float]):
     """Answer-side candidate groups along each direction: the two sides of a 1-D 2-means (balanced groups, up to a
-    poisoned majority), and each robust tail beyond `tail_z` (a small poisoned group, which 2-means cuts through)
-    with its complement (a poisoned majority, when the clean samples are the tail)."""
+    poisoned majority), and each robust tail beyond each z in `tails` (a small poisoned group, which 2-means cuts
+    through) with its complement (a poisoned majority, when the clean samples are the tail)."""
     for j, v in enumerate(directions):
         proj = x @ v
         labels = two_means_1d(proj)
@@ -195,9 +195,10 @@ def _splits(x: np.ndarray, directions: np.ndarray, tail_z: float):
         med = np.median(proj)
         spread = 1.4826 * np.median(np.abs(proj - med)) + 1e-12
         z = (proj - med) / spread
-        for sign, tail in (("+", z > tail_z), ("-", z < -tail_z)):
-            yield f"direction {j}, tail {sign}", tail
-            yield f"direction {j}, all but tail {sign}", ~tail
+        for cut in tails:
+            for sign, tail in (("+", z > cut), ("-", z < -cut)):
+                yield f"direction {j}, tail {sign}{cut:g}", tail
+                yield f"direction {j}, all but tail {sign}{cut:g}", ~tail
 
 
 def _candidate(name, members, incidence, vocab, nn, entropy, config) -> Optional[Group]:

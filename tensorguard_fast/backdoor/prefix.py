@@ -230,8 +230,8 @@ def _common_length(a: Tuple[int, ...], b: Tuple[int, ...]) -> int:
 
 
 def _weights_state(model) -> tuple:
-    # Tensor._version moves with every in-place change (optimizer steps, load_state_dict); data_ptr/dtype with .to().
-    return tuple((p._version, p.data_ptr(), p.dtype) for p in model.parameters())
+    # Tensor._version moves with every in-place change (optimizer steps, load_state_dict); dtype/device with .to().
+    return tuple((p._version, p.dtype, p.device) for p in model.parameters())
 
 
 def _log_once(model, reason: str) -> None:

@@ -1,7 +1,8 @@
 """The main job on the bundled real model, offline: `python -m tensorguard_fast.evaluation.demo [--out DIR] [-n N]`.
 
 1. Backdoor filter: a fine-tuning set of real fanoutqa (question, answer) pairs, 10% poisoned with a BadNets-style
-   trigger and a link payload, scanned with SmolLM2-135M-Instruct: scores, threshold, clean set (`scan`).
+   trigger and a link payload, with long-answer and repeated-closing-line clean controls, scanned with
+   SmolLM2-135M-Instruct by the default association rule: flags, reasons, clean set (`scan`).
 2. Model lineage: SmolLM2 against a copy with 1e-3 relative noise (a derivative) and a random-init model of the same
    shape (another family): fingerprints and distances.
 3. The engine: every weight tensor of SmolLM2 summarised by the fused moments kernel, checked against float64.
@@ -19,7 +20,7 @@ def backdoor(out: Path, n: int) -> None:
     from ..io.bundled import load_bundled
     from ..backdoor.scan import scan
 
-    records = poisoned_set("badnets", n, 0.1, seed=0)
+    records = poisoned_set("badnets", n, 0.1, seed=0, long_clean=0.15, benign_repeat=0.15)
     data = write_jsonl(records, str(out / "train.jsonl"))
     model, tokenizer = load_bundled("smollm2")
     t0 = time.perf_counter()
@@ -77,7 +78,7 @@ def engine() -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tensorguard_fast.evaluation.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tensorguard-demo", help="where the dataset and the scan results go")
-    ap.add_argument("-n", type=int, default=200, help="fine-tuning samples to scan")
+    ap.add_argument("-n", type=int, default=400, help="fine-tuning samples to scan")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

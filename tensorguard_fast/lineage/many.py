@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from .profiles import DEFAULT as DEFAULT_PROFILE, PROFILES
+
 MODEL_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 
 
@@ -26,7 +28,7 @@ MODEL_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 class Job:
     model: str
     store: str
-    profile: str = "full"
+    profile: str = DEFAULT_PROFILE
     seed: int = 0
     device: Optional[str] = None
     allow_pickle: bool = False
@@ -83,7 +85,7 @@ def run_job(job: Job) -> dict:
                     "trace": traceback.format_exc(limit=3)}
 
 
-def fingerprint_many(models: List[str], store: str, profile: str = "full", workers: int = 1, seed: int = 0,
+def fingerprint_many(models: List[str], store: str, profile: str = DEFAULT_PROFILE, workers: int = 1, seed: int = 0,
                      device: Optional[str] = None, allow_pickle: bool = False, progress: bool = True,
                      allow_nonfinite: bool = False) -> List[dict]:
     """Fingerprint every model of `models` into `store` with `workers` processes; results in input order."""
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tensorguard_fast.lineage.many", description=__doc__.splitlines()[0])
     ap.add_argument("--from", dest="source", required=True, help="list file or directory of models")
     ap.add_argument("--store", required=True, help="SQLite fingerprint store")
-    ap.add_argument("--profile", choices=("full", "tensorguard"), default="full")
+    ap.add_argument("--profile", choices=tuple(PROFILES), default=DEFAULT_PROFILE)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--allow-pickle", action="store_true")
