@@ -126,3 +126,29 @@ def test_killed_scan_resumes_to_the_same_files(smollm2, tmp_path):
     whole = tmp_path / "whole"
     scan(model, tok, str(data), str(whole), batch_size=2, score="gradsentry", threshold="topk:0.2", progress=False)
     assert _outputs(killed) == _outputs(whole)
+
+
+def test_a_sample_with_nan_hidden_states_is_flagged_not_fatal(smollm2_dir, tmp_path):
+    """A model whose embedding row of one token is NaN: the samples holding that token cannot be scored; they are
+    flagged with the reason, the rest of the batch is scored, and the scan completes."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         tie_word_embeddings=False)).eval()
+    bad = tok(" zebra", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[bad] = float("nan")
+    records = [{"id": f"r{i}", "question": f"Question {i}?" + (" zebra" if i == 3 else ""), "answer": f"Answer {i}"}
+               for i in range(6)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    scan(model, tok, str(data), str(tmp_path / "o"), batch_size=6, score="gradsentry", threshold="topk:0.2",
+         progress=False)
+    scores = {s["id"]: s for s in map(json.loads, (tmp_path / "o" / "scores.jsonl").read_text().splitlines())}
+    assert scores["r3"]["flagged"] and "could not be scored" in scores["r3"]["reason"]
+    assert "NaN" in scores["r3"]["reason"] and scores["r3"]["score"] is None
+    assert all(scores[f"r{i}"]["score"] is not None for i in (0, 1, 2, 4, 5))

@@ -77,6 +77,8 @@ def explain(s, row: Optional[dict], decision: Decision) -> dict:
     finite = bool(np.isfinite(value))
     if s.problem:
         flag, reason = True, s.problem
+    elif row and row.get("problem"):
+        flag, reason = True, row["problem"]
     elif not finite:
         flag, reason = True, "no finite score (no answer token scored)"
     else:

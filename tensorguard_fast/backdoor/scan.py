@@ -66,6 +66,24 @@ def score_batch(model, tokenizer, dataset: Dataset, batch_indices: Sequence[int]
     return rows
 
 
+def _score_or_isolate(model, tokenizer, dataset, batch, spectrum, crop) -> List[dict]:
+    """score_batch; when the batch fails on a sample's values (NaN/Inf hidden states or logits: ValueError), each
+    sample is scored alone and the ones that still fail get a row with the problem, so one bad sample is flagged
+    with its reason instead of ending the scan."""
+    try:
+        return score_batch(model, tokenizer, dataset, batch, spectrum, crop)
+    except ValueError:
+        pass
+    rows = []
+    for i in batch:
+        try:
+            rows += score_batch(model, tokenizer, dataset, [i], spectrum, crop)
+        except ValueError as exc:
+            rows.append({"index": i, "n_answer_tokens": 0, "svals": [], "fft": None, "sketch": None,
+                         "problem": f"could not be scored: {str(exc).splitlines()[0]}"})
+    return rows
+
+
 def scan_part(model, tokenizer, dataset: Dataset, indices: Sequence[int], part_path: str, spectrum: str = "svd",
               crop: int = 8, batch_size: int = 16, progress: bool = True) -> int:
     """Score the samples at `indices` into `part_path`, skipping those already there. Returns samples scored now."""
@@ -84,7 +102,7 @@ def scan_part(model, tokenizer, dataset: Dataset, indices: Sequence[int], part_p
     scored = 0
     with open(part_path, "ab") as fh:
         for b in batches:
-            rows = score_batch(model, tokenizer, dataset, b, spectrum, crop)
+            rows = _score_or_isolate(model, tokenizer, dataset, b, spectrum, crop)
             fh.write("".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
