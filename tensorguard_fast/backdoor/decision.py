@@ -20,6 +20,7 @@ import numpy as np
 
 from .association import AssociationConfig, associate, unit_rows
 from .datasets import Dataset
+from .features import decode as decode_sketch
 from .scores import compute_scores
 from .threshold import choose_threshold, parse_threshold
 
@@ -73,7 +74,6 @@ def threshold_decision(rows: List[Optional[dict]], dataset: Dataset, score: str,
                     components, th.value)
 
 
-
 def association_decision(rows: List[Optional[dict]], dataset: Dataset, decode_token=None,
                          config: Optional[AssociationConfig] = None) -> Decision:
     """The association rule (association.py): flags the samples whose answer joins a shared payload cluster that
@@ -120,12 +120,6 @@ def association_decision(rows: List[Optional[dict]], dataset: Dataset, decode_to
                                 "; no candidate had over-represented prompt tokens"))
     return Decision(entropy, "gradsentry", flagged, reasons, status, summary, components, None,
                     ("gradsentry", "payload_similarity") if centre is not None else None)
-
-
-def decode_sketch(text: str) -> np.ndarray:
-    from .features import decode
-
-    return decode(text)
 
 
 def _payload_direction(x: np.ndarray, flagged: np.ndarray) -> Optional[np.ndarray]:
