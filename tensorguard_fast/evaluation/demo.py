@@ -41,6 +41,7 @@ def lineage() -> None:
 
     from ..lineage.family import distance
     from ..lineage.fingerprint import fast_fingerprint
+    from ..lineage.profiles import get as get_profile
     from ..io.bundled import bundled_model_dir
 
     path = bundled_model_dir("smollm2")
@@ -53,8 +54,9 @@ def lineage() -> None:
     noisy = fast_fingerprint(model, name="smollm2+noise")
     torch.manual_seed(1)
     other = fast_fingerprint(AutoModelForCausalLM.from_config(model.config), name="random-init")
-    print(f"[lineage] full-profile distance SmolLM2 -> noised copy {distance(base, noisy):.3f}, "
-          f"-> random init of the same shape {distance(base, other):.3f} (same family below 0.7)")
+    radius = get_profile(base.profile).same_family_threshold
+    print(f"[lineage] {base.profile}-profile distance SmolLM2 -> noised copy {distance(base, noisy):.3f}, "
+          f"-> random init of the same shape {distance(base, other):.3f} (same family below {radius})")
 
 
 def engine() -> None:
