@@ -14,34 +14,11 @@
 
 #include "common.h"
 #include "gradient_sketch.h"
+#include "softmax_exp.h"
 
 namespace tgf {
 
 namespace {
-// e^x for x <= ~0 (softmax arguments after the max), branch-free so the loop vectorises: x = k ln2 + r, |r| <= ln2/2
-// (Cody-Waite split of ln2), e^r by its degree-7 Taylor polynomial (truncation < 6e-9 relative), 2^k from the exponent
-// bits; x < -87 gives 0. Must stay identical to gram_entropy.cpp's exp_le0 (bit-identical logsumexp state).
-TGF_ALWAYS_INLINE float sketch_exp(float x) {
-  const float xc = std::max(x, -87.0f);
-  const float k = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = (xc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);
-  return x < -87.0f ? 0.0f : p * scale;
-}
-
-int threads_for(int64_t work, int nthreads) {
-  if (nthreads <= 0) nthreads = max_threads();
-  return work < (1 << 16) ? 1 : nthreads;  // below ~64k elements a parallel region costs more than it saves
-}
-
 // One row: logsumexp state update, exponentials to out (target column zeroed after the sum), the two factors, and
 // c = the sum of out without the target (its own loop, so the loop that forms s stays lse_row's).
 TGF_ALWAYS_INLINE void exp_row(const float* row, int64_t cols, float* out, int64_t target, double& m, double& s,
@@ -63,7 +40,7 @@ TGF_ALWAYS_INLINE void exp_row(const float* row, int64_t cols, float* out, int64
   for (int64_t j = 0; j < cols; ++j) {
     float v = row[j];
     bool fin = std::fabs(v) <= kMax;
-    const float e = fin ? sketch_exp(v - mf) : 0.0f;
+    const float e = fin ? exp_le0(v - mf) : 0.0f;
     out[j] = e;
     acc += static_cast<double>(e);
   }
