@@ -24,15 +24,8 @@ namespace {
 TGF_ALWAYS_INLINE void exp_row(const float* row, int64_t cols, float* out, int64_t target, double& m, double& s,
                                int64_t& bad, double& f_old, double& f_new, double& c) {
   const float kMax = std::numeric_limits<float>::max();
-  float mx = -kMax;
   int64_t nb = 0;
-#pragma omp simd reduction(max : mx) reduction(+ : nb)
-  for (int64_t j = 0; j < cols; ++j) {
-    float v = row[j];
-    bool fin = std::fabs(v) <= kMax;  // false for inf and nan
-    mx = fin ? std::max(mx, v) : mx;
-    nb += fin ? 0 : 1;
-  }
+  const float mx = finite_row_max(row, cols, nb);
   const double m_new = std::max(m, static_cast<double>(mx));
   const float mf = static_cast<float>(m_new);
   double acc = 0;

@@ -25,15 +25,8 @@ namespace {
 // pick the build once per call (common.h: isa_level, TGF_NO_AVX512).
 TGF_ALWAYS_INLINE void lse_row(const float* row, int64_t cols, double& m, double& s, int64_t& bad) {
   const float kMax = std::numeric_limits<float>::max();
-  float mx = -kMax;
   int64_t nb = 0;
-#pragma omp simd reduction(max : mx) reduction(+ : nb)
-  for (int64_t j = 0; j < cols; ++j) {
-    float v = row[j];
-    bool fin = std::fabs(v) <= kMax;  // false for inf and nan
-    mx = fin ? std::max(mx, v) : mx;
-    nb += fin ? 0 : 1;
-  }
+  const float mx = finite_row_max(row, cols, nb);
   const double m_new = std::max(m, static_cast<double>(mx));
   const float mf = static_cast<float>(m_new);
   // exp in float on (z - m) <= 0: relative error ~2e-7 per term; the sum is carried in double.

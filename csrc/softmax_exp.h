@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "common.h"
 
@@ -33,6 +34,23 @@ TGF_ALWAYS_INLINE float exp_le0(float x) {
 inline int threads_for(int64_t work, int nthreads) {
   if (nthreads <= 0) nthreads = max_threads();
   return work < (1 << 16) ? 1 : nthreads;  // below ~64k elements a parallel region costs more than it saves
+}
+
+// The largest finite value of a row (-FLT_MAX when there is none) and, added to `nonfinite`, how many values are NaN or
+// Inf: the first pass of every online-softmax row update, one vectorised loop.
+TGF_ALWAYS_INLINE float finite_row_max(const float* row, int64_t cols, int64_t& nonfinite) {
+  const float kMax = std::numeric_limits<float>::max();
+  float mx = -kMax;
+  int64_t nb = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : nb)
+  for (int64_t j = 0; j < cols; ++j) {
+    float v = row[j];
+    bool fin = std::fabs(v) <= kMax;  // false for inf and nan
+    mx = fin ? std::max(mx, v) : mx;
+    nb += fin ? 0 : 1;
+  }
+  nonfinite += nb;
+  return mx;
 }
 
 }  // namespace tgf
