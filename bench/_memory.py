@@ -56,6 +56,12 @@ def rss_peak_bytes_here(run: Callable[[], object]) -> int:
     return max(0, (peak - before) * 1024)
 
 
+def print_peak_bytes(run: Callable[[], object], device: str) -> None:
+    """The memory-probe side of rss_peak_bytes_subprocess: run once here and print the peak as the JSON it reads."""
+    peak = cuda_peak_bytes(run) if device == "cuda" else rss_peak_bytes_here(run)
+    print(json.dumps({"peak_bytes": peak}))
+
+
 def rss_peak_bytes_subprocess(script: str, args: Sequence[str]) -> int:
     """Run `script --memory-probe ARGS...` in a fresh interpreter; it must print {"peak_bytes": n} as its last line."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}

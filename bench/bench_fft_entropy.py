@@ -10,7 +10,6 @@ Run: python bench/bench_fft_entropy.py [--device cpu|cuda] [--repeats 5] [--no-m
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_route_arguments, apply_threads, print_table, timeit, write_results  # noqa: E402
-from _memory import cuda_peak_bytes, rss_peak_bytes_here, rss_peak_bytes_subprocess  # noqa: E402
+from _memory import cuda_peak_bytes, print_peak_bytes, rss_peak_bytes_subprocess  # noqa: E402
 
 from tensorguard_fast import _backend  # noqa: E402
 from tensorguard_fast.ops.fft_entropy import fft_entropy  # noqa: E402
@@ -60,8 +59,7 @@ def memory_probe(argv) -> int:
     config, route, batch, device = argv
     e, h = make_blocks(config, int(batch), device)
     fn = ROUTES[route]
-    peak = cuda_peak_bytes(lambda: fn(e, h)) if device == "cuda" else rss_peak_bytes_here(lambda: fn(e, h))
-    print(json.dumps({"peak_bytes": peak}))
+    print_peak_bytes(lambda: fn(e, h), device)
     return 0
 
 

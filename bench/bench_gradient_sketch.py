@@ -19,7 +19,6 @@ Run: python bench/bench_gradient_sketch.py [--device cpu|cuda] [--repeats 5] [--
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_route_arguments, apply_threads, print_table, write_results  # noqa: E402
-from _memory import cuda_peak_bytes, rss_peak_bytes_here, rss_peak_bytes_subprocess  # noqa: E402
+from _memory import cuda_peak_bytes, print_peak_bytes, rss_peak_bytes_subprocess  # noqa: E402
 
 from tensorguard_fast.ops import gradient_sketch_accumulator as accumulator  # noqa: E402
 from tensorguard_fast.ops.gradient_sketch import gradient_sketch_from_hidden, sketch_matrix  # noqa: E402
@@ -127,8 +126,7 @@ def memory_probe(argv) -> int:
     inputs = make_forward(config, int(batch), device)
     fn = ROUTES[route]
     with torch.no_grad():
-        peak = cuda_peak_bytes(lambda: fn(*inputs)) if device == "cuda" else rss_peak_bytes_here(lambda: fn(*inputs))
-    print(json.dumps({"peak_bytes": peak}))
+        print_peak_bytes(lambda: fn(*inputs), device)
     return 0
 
 

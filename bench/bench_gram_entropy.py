@@ -15,7 +15,6 @@ Run: python bench/bench_gram_entropy.py [--device cpu|cuda] [--repeats 5] [--no-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_route_arguments, apply_threads, print_table, timeit, write_results  # noqa: E402
-from _memory import cuda_peak_bytes, rss_peak_bytes_here, rss_peak_bytes_subprocess  # noqa: E402
+from _memory import cuda_peak_bytes, print_peak_bytes, rss_peak_bytes_subprocess  # noqa: E402
 
 from tensorguard_fast import _backend  # noqa: E402
 from tensorguard_fast.ops.gram_entropy import gram_entropy, gram_entropy_from_hidden  # noqa: E402
@@ -128,8 +127,7 @@ def memory_probe(argv) -> int:
     inputs, routes = build(kind, config, int(batch), device)
     fn = routes[route]
     torch.set_grad_enabled(kind == "hidden")
-    peak = cuda_peak_bytes(lambda: fn(*inputs)) if device == "cuda" else rss_peak_bytes_here(lambda: fn(*inputs))
-    print(json.dumps({"peak_bytes": peak}))
+    print_peak_bytes(lambda: fn(*inputs), device)
     return 0
 
 
