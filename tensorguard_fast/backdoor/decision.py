@@ -109,14 +109,15 @@ def association_decision(rows: List[Optional[dict]], dataset: Dataset, decode_to
         else:
             reasons[i] = "kept: its answer joins no payload cluster that goes with shared prompt tokens"
         components[i] = c
-    best = max(result.candidates, key=lambda g: g.purity, default=None)
+    best = max(result.candidates, key=lambda g: g.purity + g.entropy_lift, default=None)
     summary = {"rule": "association", "config": asdict(config), "clusters": groups,
                "candidates_tested": len(result.candidates)}
     status = "flagged" if flagged.any() else "no_poison_found"
     if not flagged.any():
         summary["evidence"] = ("no candidate answer cluster had prompt tokens over-represented with purity >= "
-                               f"{config.min_purity} and entropy lift >= {config.min_entropy_lift}" +
-                               (f"; the purest was {best.figures()}" if best is not None else
+                               f"{config.min_purity}, entropy lift >= {config.min_entropy_lift} and their sum >= "
+                               f"{config.min_evidence}" +
+                               (f"; the strongest was {best.figures()}" if best is not None else
                                 "; no candidate had over-represented prompt tokens"))
     return Decision(entropy, "gradsentry", flagged, reasons, status, summary, components, None,
                     ("gradsentry", "payload_similarity") if centre is not None else None)

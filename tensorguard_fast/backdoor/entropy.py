@@ -27,7 +27,7 @@ import torch
 from ..ops.fft_entropy import fft_entropy_from_hidden
 from ..ops.gram_entropy import gram_spectrum_from_hidden, spectral_entropy
 from ..ops.lm_head_errors import IGNORE_INDEX
-from .prefix import PrefixCache, cache_keyword
+from .prefix import MIN_PREFIX_TOKENS, PrefixCache, cache_keyword
 
 SPECTRA = ("svd", "fft")
 
@@ -115,12 +115,14 @@ def lm_head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if sharer is not None:
         shared = sharer.batch_prefix([(row[:n] if side == "right" else row[width - n:]).tolist()
                                       for row, n in zip(input_ids, lengths.tolist())])
+    # too short to pay for a prefix run: no group could use it, so skip the per-group realignment
+    shares = sharer is not None and len(shared) >= MIN_PREFIX_TOKENS
     for group in length_groups(lengths.tolist()):
         rows = torch.tensor(group, device=input_ids.device)
         w = max(1, int(lengths[group[0]]))
         cols = slice(0, w) if side == "right" else slice(width - w, width)
         part = None
-        if sharer is not None:
+        if shares:
             part = _capture_shared(sharer, model, input_ids, [int(lengths[i]) for i in group], group, w, side,
                                    shared)
         realigned = part is not None and side == "left"
