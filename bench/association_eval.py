@@ -3,7 +3,8 @@ pairs poisoned by six attacks, with two clean controls in every set: 15% long-an
 payload's length) and 15% benign repetition (one stock closing line on many clean answers, a group larger than the
 poisoned one).
 
-    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 2          # the held-out half (the report)
+    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 7          # the held-out half (the report)
+    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 2          # held-out, looked at while developing
     PYTHONPATH=. python bench/association_eval.py --part 0 --seed 1          # the half the defaults were chosen on
 
 fanoutqa's pairs are split by index parity: part 0 (even) was used to choose AssociationConfig's defaults, part 1
@@ -68,7 +69,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2")
     ap.add_argument("--part", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--cache", default=None, help="directory for the per-model sample caches")
     ap.add_argument("--grid", default=None, help="attack:ratio:n,... (default: the full grid)")
     args = ap.parse_args(argv)

@@ -6,10 +6,9 @@
 // Three chunk bodies, fastest first; each fast one reports when it cannot vouch for its result and the caller then
 // reruns the chunk (4096 values, still in L1/L2) with the next:
 //  - chunk_f32acc (bf16, fp16): power sums of d = x - c accumulated in float32 for kFlush steps of 16 lanes (128
-//    values) in each of two interleaved accumulator sets, then added into float64 totals. Refused when the chunk
-//    holds a non-finite value, when its largest |d| leaves [2^-28, 2^28] (d^4 would under/overflow float32), or
-//    when the chunk mean is farther than half a chunk standard deviation from the shift c (the central sums would
-//    cancel); the caller retries with c = chunk mean.
+//    values), then added into float64 totals. Refused when the chunk holds a non-finite value, when its largest |d|
+//    leaves [2^-28, 2^28] (d^4 would under/overflow float32), or when the chunk mean is farther than half a chunk
+//    standard deviation from the shift c (the central sums would cancel); the caller retries with c = chunk mean.
 //  - chunk_f64 (fp32, and the fallback of the above): float64 accumulation, no per-element finiteness test: a
 //    non-finite value makes the L1 total non-finite, and the chunk is refused.
 //  - chunk_exact: float64 accumulation with a per-element mask: non-finite values are counted and skipped.
@@ -196,39 +195,28 @@ template <int DT>
 TGF_TARGET_AVX512 bool chunk_f32acc(const void* data, int64_t begin, int64_t len, double c, ChunkSums& out,
                                     double& retry_shift) {
   const float cf = static_cast<float>(c);
-  // two accumulator sets, alternate 16-lane steps: the float32 add/FMA chains are latency-bound with one set.
-  // Each lane of each set still sums at most kFlush terms per float32 block, so the error bound is unchanged.
-  Avx512AccF32 acc(cf), alt(cf);
+  Avx512AccF32 acc(cf);
   int64_t i = 0;
-  while (i + 32 <= len) {
-    const int64_t stop = std::min<int64_t>(len - 31, i + 32 * kFlush);
-    for (; i < stop; i += 32) {
-      acc.step(load16<DT>(data, begin + i));
-      alt.step(load16<DT>(data, begin + i + 16));
-    }
+  while (i + 16 <= len) {
+    const int64_t stop = std::min<int64_t>(len - 15, i + 16 * kFlush);
+    for (; i < stop; i += 16) acc.step(load16<DT>(data, begin + i));
     acc.flush();
-    alt.flush();
-  }
-  if (i + 16 <= len) {
-    acc.step(load16<DT>(data, begin + i));
-    i += 16;
   }
   double pad = 0;
   if (i < len) {
     pad = static_cast<double>(16 - (len - i));
-    alt.step(load_tail<DT>(data, begin + i, len - i, alt.cf));
+    acc.step(load_tail<DT>(data, begin + i, len - i, acc.cf));
+    acc.flush();
   }
-  acc.flush();
-  alt.flush();
   out.c = cf;
-  out.s1 = _mm512_reduce_add_pd(_mm512_add_pd(acc.d1, alt.d1));
-  out.s2 = _mm512_reduce_add_pd(_mm512_add_pd(acc.d2, alt.d2));
-  out.s3 = _mm512_reduce_add_pd(_mm512_add_pd(acc.d3, alt.d3));
-  out.s4 = _mm512_reduce_add_pd(_mm512_add_pd(acc.d4, alt.d4));
-  out.l1 = _mm512_reduce_add_pd(_mm512_add_pd(acc.dl, alt.dl)) - pad * std::fabs(static_cast<double>(cf));
+  out.s1 = _mm512_reduce_add_pd(acc.d1);
+  out.s2 = _mm512_reduce_add_pd(acc.d2);
+  out.s3 = _mm512_reduce_add_pd(acc.d3);
+  out.s4 = _mm512_reduce_add_pd(acc.d4);
+  out.l1 = _mm512_reduce_add_pd(acc.dl) - pad * std::fabs(static_cast<double>(cf));
   out.bad = 0;
-  out.mn = _mm512_reduce_min_ps(_mm512_min_ps(acc.mn, alt.mn));
-  out.mx = _mm512_reduce_max_ps(_mm512_max_ps(acc.mx, alt.mx));
+  out.mn = _mm512_reduce_min_ps(acc.mn);
+  out.mx = _mm512_reduce_max_ps(acc.mx);
   retry_shift = std::numeric_limits<double>::quiet_NaN();
   // a non-finite input makes l1 (and s4) non-finite; NaN fails every comparison below as well
   if (!(std::isfinite(out.l1) && std::isfinite(out.s4) && out.mn <= out.mx)) return false;

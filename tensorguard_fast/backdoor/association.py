@@ -31,7 +31,8 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    No accepted group: "no poison found", with the strongest candidate's figures as evidence.
 
 Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seeds 1, 3 and 4, SmolLM2 and Gemma-3);
-bench/association_eval.py reports them on the other half (odd-indexed pairs, seed 2). docs/backdoor.md explains the rule to users.
+bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 7 is the report).
+docs/backdoor.md explains the rule to users.
 """
 from __future__ import annotations
 
