@@ -147,7 +147,8 @@ def test_purity_is_scaled_to_chance():
     rng = np.random.default_rng(7)
     for i in rng.choice(400, 160, replace=False):
         prompts[i].append(TRIGGER)
-    result = associate(x, prompts, entropy, AssociationConfig(min_entropy_lift=-np.inf, min_purity=-np.inf))
+    result = associate(x, prompts, entropy, AssociationConfig(min_entropy_lift=-np.inf, min_purity=-np.inf,
+                                                            token_seeds=0))
     assert not result.flagged.any() or all(abs(g.purity) < 0.2 for g in result.candidates)
     assert all(abs(g.purity) < 0.2 for g in result.candidates)
 
@@ -194,3 +195,18 @@ def test_a_phrase_is_carried_by_holding_most_of_it():
     x[11:13] = unit(rng.standard_normal((2, 16)) * 0.2 - 3 * payload)   # the rare word's answers elsewhere
     carriers, kept = trigger_carriers(sparse.csc_matrix(held), members, x)
     assert np.where(carriers)[0].tolist() == list(range(10)) and kept.tolist() == [0, 1, 2]
+
+
+def test_a_group_too_small_for_any_direction_is_found_from_its_trigger():
+    """6 poisoned samples in 1000 beside eight benign repeats of 60 that own the top principal directions: no
+    direction candidate holds the poisoned samples, the prompt-token seeds (tried only when no direction yields a
+    group) do."""
+    x, prompts, entropy, truth = _set(n=1000, poisoned=6, benign=0, seed=8)
+    rng = np.random.default_rng(8)
+    clean = np.where(~truth)[0]
+    for j in range(8):
+        x[clean[60 * j:60 * (j + 1)]] += 3.0 * rng.standard_normal(DIM)
+    without = associate(x, prompts, entropy, AssociationConfig(token_seeds=0))
+    found = associate(x, prompts, entropy)
+    assert not without.flagged.any()
+    assert (found.flagged == truth).all() and TRIGGER in found.accepted[0].tokens

@@ -28,7 +28,10 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    share a format, as "top 5" questions go with lists, reaches either figure alone but not both).
 5. An accepted group flags its core members and the carriers of its trigger tokens that have at least `min_inside`
    of their nearest neighbours in the core. Overlapping groups are one cluster (the purest is kept).
-   No accepted group: "no poison found", with the strongest candidate's figures as evidence.
+   When no direction yields an accepted group, groups seeded from the prompt side are tried the same way: the
+   carriers of each token whose carriers are each other's nearest answer-side neighbours far more often than
+   chance (a group of 1% owns no principal direction). Still none: "no poison found", with the strongest
+   candidate's figures as evidence.
 
 Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seeds 1, 3 and 4, SmolLM2 and Gemma-3);
 bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 7 is the report).
@@ -51,6 +54,7 @@ class AssociationConfig:
     min_entropy_lift: float = 0.5  # core mean entropy above the rest, in the rest's standard deviations
     min_evidence: float = 1.6  # purity + entropy lift: a list-question topic reaches ~1.5, payloads 1.68 and up
     refine_rounds: int = 6     # alternations of the answer-side closure and the trigger test
+    token_seeds: int = 200     # when no direction yields a group: prompt-token seeded groups tried (0: none)
     neighbours: int = 5
     min_inside: int = 2        # of a sample's `neighbours` nearest, how many must be in the core to join it
     min_core_neighbours: int = 1  # a core member with fewer of its nearest neighbours in the core leaves it
@@ -226,22 +230,21 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     incidence, vocab = token_incidence(prompt_ids)
     _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
     candidates, seen = [], set()
-    for name, members in _splits(x, vt[:config.directions], config.tails):
-        key = members.tobytes()
-        if key in seen or not config.min_core <= members.sum() <= n - config.min_core:
-            continue
-        seen.add(key)
-        group = _candidate(name, members, incidence, vocab, x, nn, entropy, config)
-        if group is not None:
-            candidates.append(group)
-    accepted: List[Group] = []
-    for g in sorted(candidates, key=lambda g: -g.purity):
-        if (g.purity < config.min_purity or g.entropy_lift < config.min_entropy_lift or
-                g.purity + g.entropy_lift < config.min_evidence):
-            continue
-        if any((g.core & a.core).sum() >= 0.5 * min(g.core.sum(), a.core.sum()) for a in accepted):
-            continue   # the same cluster seen along another direction
-        accepted.append(g)
+
+    def consider(groups, at_least):
+        for name, members in groups:
+            key = members.tobytes()
+            if key in seen or not at_least <= members.sum() <= n - config.min_core:
+                continue
+            seen.add(key)
+            group = _candidate(name, members, incidence, vocab, x, nn, entropy, config)
+            if group is not None:
+                candidates.append(group)
+        return _accept(candidates, config)
+
+    accepted = consider(_splits(x, vt[:config.directions], config.tails), config.min_core)
+    if not accepted and config.token_seeds:
+        accepted = consider(_token_seeds(incidence, nn, config.token_seeds), 2)
     flagged, group_of = np.zeros(n, bool), np.full(n, -1)
     inside_any = np.zeros(n, dtype=np.int64)
     for gi, g in enumerate(accepted):
@@ -251,6 +254,37 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
         flagged |= joined
         inside_any = np.maximum(inside_any, inside)
     return AssociationResult(flagged, group_of, inside_any, accepted, candidates)
+
+
+def _accept(candidates: List[Group], config: AssociationConfig) -> List[Group]:
+    """The candidates that pass step 4, purest first, one per cluster."""
+    accepted: List[Group] = []
+    for g in sorted(candidates, key=lambda g: -g.purity):
+        if (g.purity < config.min_purity or g.entropy_lift < config.min_entropy_lift or
+                g.purity + g.entropy_lift < config.min_evidence):
+            continue
+        if any((g.core & a.core).sum() >= 0.5 * min(g.core.sum(), a.core.sum()) for a in accepted):
+            continue   # the same cluster seen along another direction
+        accepted.append(g)
+    return accepted
+
+
+def _token_seeds(incidence, nn: np.ndarray, most: int):
+    """Groups seeded from the prompt side, for a poisoned group too small to own a principal direction: the carriers
+    of each token whose carriers are each other's nearest answer-side neighbours far more often than chance (at
+    least 2 such links and 3x the expected count), the `most` strongest."""
+    from scipy import sparse
+
+    n, k = nn.shape
+    links = sparse.csr_matrix((np.ones(n * k, np.float32), (np.repeat(np.arange(n), k), nn.ravel())), shape=(n, n))
+    held = incidence.tocsc()
+    inside = np.asarray((links @ held).multiply(held).sum(0)).ravel()
+    df = np.asarray(held.sum(0)).ravel()
+    expected = df * k * np.maximum(df - 1, 0) / max(n - 1, 1)
+    cols = np.where((inside >= 2) & (inside >= 3 * expected) & (df <= n // 2))[0]
+    z = (inside[cols] - expected[cols]) / np.sqrt(expected[cols] + 1)
+    for j in cols[np.argsort(-z, kind="stable")][:most]:
+        yield f"prompt token column {j}", held[:, j].toarray().ravel() > 0
 
 
 def _splits(x: np.ndarray, directions: np.ndarray, tails: Sequence[float]):
