@@ -42,6 +42,21 @@ def test_classifier_mechanics():
         assert closed.known and closed.family == closed.nearest
 
 
+def test_kmeans_open_set_verdict_does_not_depend_on_who_else_is_classified():
+    """A model at 0.4 of the base-to-base distance from its base is known however many far-away models are
+    classified with it; a radius in kmeans' standardised space would move with that population."""
+    rng = np.random.default_rng(2)
+    centres = {k: rng.normal(size=16) for k in "xy"}
+    bases = {k: _fp(v, k) for k, v in centres.items()}
+    step = centres["y"] - centres["x"]
+    near = _fp(centres["x"] + 0.4 * np.linalg.norm(step) * rng.normal(size=16) / 4, "near")
+    alone = FamilyClassifier(bases, method="kmeans").fit_predict([near])[0]
+    crowd = [_fp(10 * rng.normal(size=16), f"far{i}") for i in range(6)]
+    crowded = FamilyClassifier(bases, method="kmeans").fit_predict([near] + crowd)[0]
+    assert alone.family == crowded.family == "x"
+    assert alone.distance == pytest.approx(crowded.distance) == pytest.approx(distance(near, bases["x"]))
+
+
 def test_single_base_uses_population_outlier_rule():
     rng = np.random.default_rng(1)
     base = rng.normal(size=8)

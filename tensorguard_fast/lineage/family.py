@@ -8,8 +8,9 @@ distance(a, b) and similarity(a, b) are the profile's own (profiles.py):
   on; the classifier standardises on the population exactly as TensorGuard does. similarity = 1 / (1 + distance).
 same_family(a, b): the pairwise verdict of `compare`, where the profile has a scale-free radius (None otherwise).
 
-FamilyClassifier, open set: a model is "unknown" when it is farther from every base than half the smallest distance
-between two bases (measured in the space the method assigns in). Why half: a member of a family should be closer to
+FamilyClassifier, open set: a model is "unknown" when it is farther from its assigned base than half the smallest
+distance between two bases, both in the profile's own distance (also for kmeans, which assigns in a space
+standardised over the population given: a radius there would move with whoever else is being classified). Why half: a member of a family should be closer to
 its base than to the midpoint towards any other base; a model beyond that radius from all bases is as far from each
 known family as the families are from each other, so calling it a member of any of them is a guess. With a single
 base there is no base-to-base distance; then the radius is max(median + 3 MADs, 2 x median) of the nearest-base
@@ -66,10 +67,11 @@ def same_family(a: Fingerprint, b: Fingerprint) -> Optional[bool]:
 class Prediction:
     model: str
     family: str          # a base's name, or "unknown" (open set)
-    distance: float      # to the base of `nearest`, in the method's space
+    distance: float      # to the base of `nearest` (the assigned one), in the profile's distance
     known: bool
-    margin: float        # distance to the second-nearest base minus `distance` (large = clear-cut)
-    nearest: str         # the nearest base even when the model is called unknown
+    margin: float        # distance to the closest other base minus `distance` (large = clear-cut; < 0: kmeans
+                         # assigned a base that is not the closest)
+    nearest: str         # the assigned base even when the model is called unknown
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -80,7 +82,7 @@ class FamilyClassifier:
 
     method="kmeans": TensorGuard's procedure: standardise the features on the whole population (bases + models),
     K-Means with one cluster per base, init = the bases' vectors, n_init=1; each cluster takes the family of the
-    base that seeded it. Distances are Euclidean in the standardised space.
+    base that seeded it. The open-set radius and the reported distances are the profile's own (module docstring).
     method="nearest": the nearest base under `distance` (no population needed; stable when models are few).
     """
 
@@ -104,11 +106,11 @@ class FamilyClassifier:
         first = self.bases[names[0]]
         for fp in fingerprints:
             check_comparable(first, fp)
+        dists = np.array([[distance(fp, self.bases[n]) for n in names] for fp in fingerprints])
+        dists = dists.reshape(len(fingerprints), len(names))
         if self.method == "kmeans":
-            dists, labels = self._kmeans(fingerprints)
+            labels = self._kmeans(fingerprints)
         else:
-            dists = np.array([[distance(fp, self.bases[n]) for n in names] for fp in fingerprints])
-            dists = dists.reshape(len(fingerprints), len(names))
             labels = dists.argmin(axis=1) if len(fingerprints) else np.zeros(0, dtype=int)
         base_d = self._base_distances()
         self.threshold_used = self._calibrate(base_d, dists)
@@ -124,7 +126,8 @@ class FamilyClassifier:
 
     # -- internals ----------------------------------------------------------------------------------------------
 
-    def _kmeans(self, fingerprints):
+    def _kmeans(self, fingerprints) -> np.ndarray:
+        """Each model's base index: k-means on the population standardised per feature, started at the bases."""
         from sklearn.cluster import KMeans
         from sklearn.preprocessing import StandardScaler
 
@@ -132,22 +135,13 @@ class FamilyClassifier:
         pop = np.array([feature_vector(self.bases[n]) for n in names] + [feature_vector(fp) for fp in fingerprints])
         pop = np.nan_to_num(pop, nan=0.0, posinf=0.0, neginf=0.0)
         scaled = StandardScaler().fit_transform(pop)
-        centres = scaled[:len(names)]
-        self._scaled_bases = centres
-        models = scaled[len(names):]
         if len(names) > 1 and len(pop) >= len(names):
-            km = KMeans(n_clusters=len(names), init=centres, n_init=1).fit(scaled)
-            labels = km.labels_[len(names):]
-        else:
-            labels = np.zeros(len(models), dtype=int)
-        dists = np.sqrt(((models[:, None, :] - centres[None, :, :]) ** 2).sum(-1)).reshape(len(models), len(names))
-        return dists, labels
+            km = KMeans(n_clusters=len(names), init=scaled[:len(names)], n_init=1).fit(scaled)
+            return km.labels_[len(names):]
+        return np.zeros(len(fingerprints), dtype=int)
 
     def _base_distances(self) -> np.ndarray:
         names = list(self.bases)
-        if self.method == "kmeans":
-            c = self._scaled_bases
-            return np.sqrt(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1))
         return np.array([[distance(self.bases[a], self.bases[b]) for b in names] for a in names])
 
     def _calibrate(self, base_d: np.ndarray, dists: np.ndarray) -> float:
