@@ -10,11 +10,12 @@ same_family(a, b): the pairwise verdict of `compare`, where the profile has a sc
 
 FamilyClassifier, open set: a model is "unknown" when it is farther from its assigned base than half the smallest
 distance between two bases, both in the profile's own distance (also for kmeans, which assigns in a space
-standardised over the population given: a radius there would move with whoever else is being classified). Why half: a member of a family should be closer to
-its base than to the midpoint towards any other base; a model beyond that radius from all bases is as far from each
-known family as the families are from each other, so calling it a member of any of them is a guess. With a single
-base there is no base-to-base distance; then the radius is max(median + 3 MADs, 2 x median) of the nearest-base
-distances of the population (an outlier rule; it assumes most models given are derivatives). `threshold=` overrides both.
+standardised over the population given: a radius there would move with whoever else is being classified). Why
+half: a member of a family should be closer to its base than to the midpoint towards any other base; a model beyond
+that radius is as far from its family as the families are from each other, so calling it a member is a guess. With
+a single base there is no base-to-base distance; then the radius is max(median + 3 MADs, 2 x median) of the
+nearest-base distances of the population (an outlier rule; it assumes most models given are derivatives).
+`threshold=` overrides both.
 """
 from __future__ import annotations
 
