@@ -172,3 +172,12 @@ def test_real_scan_exit_codes_and_explanations(smollm2_dir, tmp_path, capsys):
     assert all(f["components"] and f["line"] and "top 4" in f["reason"] for f in flagged)
     report = (out / "report.html").read_text()
     assert all(f">{i}<" in report for i in summary["flagged_ids"])
+
+
+def test_torchrun_entry_reports_a_missing_file_in_one_line(tmp_path, not_a_model):
+    """`-m tensorguard_fast.backdoor` (what torchrun runs on every rank) answers a user's mistake as the CLI does."""
+    proc = subprocess.run([sys.executable, "-m", "tensorguard_fast.backdoor", "--model", not_a_model, "--data",
+                           str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "nope.jsonl" in _one_error_line(proc.stderr)
+    assert not (tmp_path / "out").exists()
