@@ -5,7 +5,7 @@ A mistake in the input or the options (a missing file, a bad value, a bundled mo
 stderr and exit 2, as with `tensorguard-fast scan`; anything else is a bug and keeps its traceback."""
 import sys
 
-from ..io.bundled import BundledModelMissing
+from ..io.errors import one_line, user_errors
 from .command import run, scan_parser
 
 
@@ -13,9 +13,8 @@ def main(argv=None) -> int:
     args = scan_parser().parse_args(argv)
     try:
         return int(run(args) or 0)
-    except (ValueError, OSError, BundledModelMissing) as exc:
-        print(f"python -m tensorguard_fast.backdoor: error: {' '.join(str(exc).split()) or type(exc).__name__}",
-              file=sys.stderr)
+    except user_errors() as exc:
+        print(f"python -m tensorguard_fast.backdoor: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -15,19 +15,12 @@ import sys
 import traceback
 
 from .._version import __version__
+from ..io.errors import one_line, user_errors
 
 # Modules that add subcommands; a module whose dependencies are missing is skipped with its reason in --help.
 _COMMAND_MODULES = ("tensorguard_fast.cli.info_cmd", "tensorguard_fast.cli.lineage", "tensorguard_fast.cli.backdoor")
 USER_ERROR, INTERNAL_ERROR, BROKEN_PIPE = 2, 1, 141
 log = logging.getLogger("tensorguard_fast")
-
-
-def user_errors() -> tuple:
-    """Exceptions that mean a mistake in the input or the options (exit 2, one line): bad values (ModelLoadError
-    is a ValueError), missing or unreadable files, a bundled model whose package is not installed."""
-    from ..io.bundled import BundledModelMissing
-
-    return ValueError, OSError, BundledModelMissing
 
 
 def _verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -106,19 +99,14 @@ def main(argv=None) -> int:
     except user_errors() as exc:
         if args.verbose:
             traceback.print_exc()
-        print(f"{where}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{where}: error: {one_line(exc)}", file=sys.stderr)
         return USER_ERROR
     except Exception as exc:  # an internal error: one line, the traceback behind -v
         if args.verbose:
             traceback.print_exc()
-        print(f"{where}: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with -v for the traceback)",
+        print(f"{where}: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with -v for the traceback)",
               file=sys.stderr)
         return INTERNAL_ERROR
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if text else type(exc).__name__
 
 
 if __name__ == "__main__":
