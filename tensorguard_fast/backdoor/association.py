@@ -65,11 +65,11 @@ class AssociationConfig:
 @dataclass
 class Group:
     name: str
-    members: np.ndarray        # bool (N,): the answer-side candidate group
-    tokens: List[int]          # prompt token ids enriched in it
+    members: np.ndarray        # bool (N,): the answer-side group, as refined (step 3)
+    tokens: List[int]          # prompt token ids of the trigger: enriched in it, the phrases kept
     p_values: List[float]
-    carriers: np.ndarray       # bool (N,): samples whose prompt holds one of `tokens`
-    core: np.ndarray           # members & carriers
+    carriers: np.ndarray       # bool (N,): samples whose prompt carries the trigger (trigger_carriers)
+    core: np.ndarray           # members & carriers, less the members without a neighbour in it
     purity: float
     entropy_lift: float
 
@@ -86,6 +86,7 @@ class AssociationResult:
     inside: np.ndarray         # int (N,): nearest neighbours in that core (for every sample: in any accepted core)
     accepted: List[Group]
     candidates: List[Group]    # every candidate with enriched tokens, accepted or not
+    unit: np.ndarray           # (N, D) the sketches as the rule saw them (unit_rows)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -222,10 +223,9 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     """The rule of the module docstring on N scored samples: sketches (N, D), prompt token ids, entropies (N,)."""
     n = len(sketches)
     entropy = np.asarray(entropy, dtype=np.float64)
-    none = AssociationResult(np.zeros(n, bool), np.full(n, -1), np.zeros(n, dtype=np.int64), [], [])
-    if n < 2 * config.min_core:
-        return none
     x = unit_rows(sketches)
+    if n < 2 * config.min_core:
+        return AssociationResult(np.zeros(n, bool), np.full(n, -1), np.zeros(n, dtype=np.int64), [], [], x)
     nn = nearest_neighbours(x, config.neighbours)
     incidence, vocab = token_incidence(prompt_ids)
     _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
@@ -253,7 +253,7 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
         group_of[joined & ~flagged] = gi
         flagged |= joined
         inside_any = np.maximum(inside_any, inside)
-    return AssociationResult(flagged, group_of, inside_any, accepted, candidates)
+    return AssociationResult(flagged, group_of, inside_any, accepted, candidates, x)
 
 
 def _accept(candidates: List[Group], config: AssociationConfig) -> List[Group]:

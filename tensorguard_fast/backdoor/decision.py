@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .association import AssociationConfig, associate, unit_rows
+from .association import AssociationConfig, associate
 from .datasets import Dataset
 from .features import decode as decode_sketch
 from .scores import compute_scores
@@ -95,7 +95,7 @@ def association_decision(rows: List[Optional[dict]], dataset: Dataset, decode_to
     flagged[scored] = result.flagged
     components: List[dict] = [{} for _ in rows]
     reasons: List[Optional[str]] = [None] * n
-    x = unit_rows(sketches)
+    x = result.unit
     centre = _payload_direction(x, result.flagged)
     for j, i in enumerate(scored):
         c = {"gradsentry": float(entropy[i]), "neighbours_in_cluster": int(result.inside[j])}
