@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from backdoor_eval import SpectrumCache  # noqa: E402
+from backdoor_eval import SpectrumCache, metrics as detection_metrics  # noqa: E402
 from tensorguard_fast.backdoor.datasets import load_samples  # noqa: E402
 from tensorguard_fast.backdoor.decision import association_decision, threshold_decision  # noqa: E402
 from tensorguard_fast.evaluation.attacks import fanoutqa_pairs, poisoned_set, write_jsonl  # noqa: E402
@@ -40,14 +40,12 @@ CONTROLS = ("long_clean", "benign_repeat", "negative")
 
 
 def metrics(flags, records) -> dict:
+    """backdoor_eval's detection metrics, the number flagged, and the share of each control kind flagged."""
     poison = np.array([r["poison"] == 1 for r in records])
     kinds = np.array([r["kind"] for r in records])
-    tp, fp = int((flags & poison).sum()), int((flags & ~poison).sum())
-    fn = int((~flags & poison).sum())
-    p = tp / (tp + fp) if tp + fp else 0.0
-    r = tp / (tp + fn) if tp + fn else 0.0
-    out = {"F1": 2 * p * r / (p + r) if p + r else 0.0, "P": p, "R": r, "FPR": fp / max(1, int((~poison).sum())),
-           "flagged": int(flags.sum())}
+    base = detection_metrics(flags, poison, kinds)
+    out = {k: base[k] for k in ("F1", "P", "R", "FPR")}
+    out["flagged"] = int(flags.sum())
     for k in CONTROLS:
         if (kinds == k).any():
             out[f"flagged_{k}"] = float(flags[kinds == k].mean())
