@@ -320,9 +320,6 @@ class FunctionChecker:
         with torch.no_grad():
             return self.model(self.tokens).logits.clone()
 
-    def max_difference(self, a: State, b: State) -> float:
-        return float((self.logits(a) - self.logits(b)).abs().max())
-
 
 # transformers' RMSNorm runs in float32 even in a float64 model, so a permuted copy differs by ~1e-7 of the logits'
 # size (measured: 5e-7 absolute on random-init SmolLM2, up to 1.0e-4 absolute on Gemma-3-270M, whose logits are
@@ -332,18 +329,20 @@ class FunctionChecker:
 FUNCTION_TOLERANCE = 1e-4
 
 
-def _tolerance(reference: torch.Tensor) -> float:
-    return FUNCTION_TOLERANCE * max(1.0, float(reference.abs().max()))
+def _checked_difference(checker: "FunctionChecker", changed: State, reference: torch.Tensor, what: str) -> float:
+    """Max |logit difference| of `changed` from the `reference` logits; AssertionError beyond FUNCTION_TOLERANCE
+    times max(1, the largest |reference logit|)."""
+    diff = float((checker.logits(changed) - reference).abs().max())
+    assert diff <= FUNCTION_TOLERANCE * max(1.0, float(reference.abs().max())), \
+        f"{what}not function-preserving: logits differ by {diff:.3g}"
+    return diff
 
 
 def check_function_preserving(original: State, changed: State, config, checker: "FunctionChecker" = None) -> float:
     """Max |logit difference| of the two states' models on random tokens; AssertionError beyond FUNCTION_TOLERANCE
     times max(1, the largest |logit| of `original`)."""
     checker = checker or FunctionChecker(config)
-    reference = checker.logits(original)
-    diff = float((checker.logits(changed) - reference).abs().max())
-    assert diff <= _tolerance(reference), f"not function-preserving: logits differ by {diff:.3g}"
-    return diff
+    return _checked_difference(checker, changed, checker.logits(original), "")
 
 
 def obfuscate(state: State, config, name: str, seed: int = 0, checker: "FunctionChecker" = None,
@@ -355,6 +354,4 @@ def obfuscate(state: State, config, name: str, seed: int = 0, checker: "Function
     out = fn(state, config, seed=seed)
     if reference is None:
         return out, check_function_preserving(state, out, config, checker)
-    diff = float((checker.logits(out) - reference).abs().max())
-    assert diff <= _tolerance(reference), f"{name}: not function-preserving: logits differ by {diff:.3g}"
-    return out, diff
+    return out, _checked_difference(checker, out, reference, f"{name}: ")
