@@ -17,6 +17,7 @@ Run: python bench/lineage_eval.py [--ft-steps 30] [--families smollm2,smollm2-ra
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -212,12 +213,8 @@ def build(families, steps: int, log=print, trained=True, gemma_steps: int = 4, l
         log(f"family {family}")
         state, cfg = base_state(family)
         config = AutoConfig.from_pretrained(cfg)
-        lazy = {}
-
-        def checker(config=config, lazy=lazy):  # built on first use: a rerun with every fingerprint cached needs none
-            if "checker" not in lazy:
-                lazy["checker"] = zoo.FunctionChecker(config)
-            return lazy["checker"]
+        # built on first use: a rerun with every fingerprint cached needs none
+        checker = functools.cache(lambda config=config: zoo.FunctionChecker(config))
         items = [("base", lambda s=state: s)]
         items += [(v, lambda v=v, s=state: cheap_variant(s, v)) for v in CHEAP]
         # untrained families: every obfuscation of the base; trained ones: every obfuscation of a fine-tune (the
@@ -244,12 +241,7 @@ def build(families, steps: int, log=print, trained=True, gemma_steps: int = 4, l
                 obf_sources.append(("ft+", _load_dir(ft_dir), None))
             obf_sources[0] = ("", state, ["obf-all"])
         for prefix, src, only in obf_sources:
-            ref_memo = {}
-
-            def reference(src=src, memo=ref_memo):
-                if "x" not in memo:
-                    memo["x"] = checker().logits(src)
-                return memo["x"]
+            reference = functools.cache(lambda src=src, checker=checker: checker().logits(src))
             for i, name in enumerate(list(zoo.OBFUSCATIONS) + ["obf-all"]):
                 variant = f"{prefix}{name}"
                 if (variants and variant not in variants) or (only and name not in only):
@@ -263,15 +255,10 @@ def build(families, steps: int, log=print, trained=True, gemma_steps: int = 4, l
                     return out
                 items.append((variant, make))
         for variant, make in items:
-            memo = {}
-
-            def once(make=make, memo=memo):
-                if "x" not in memo:
-                    memo["x"] = make()
-                return memo["x"]
+            once = functools.cache(make)
             for run, (profile, seed) in RUNS.items():
                 fps[run][(family, variant)] = fingerprint_cached(f"{family}.{variant}", once, profile, seed, config)
-        del state, lazy
+        del state, checker
     recorded = _read_checks()
     checks.update({k: v for k, v in recorded.items() if k not in checks and k.split("/")[0] in families})
     return fps, checks
