@@ -59,6 +59,19 @@ def spectral_entropy(svals: torch.Tensor, rank: int = 16, squared: bool = False)
     return torch.where(torch.isnan(s).any(-1), torch.full_like(h, math.nan), h)
 
 
+def softmax_errors(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) - onehot(y), rows of float64 logits, with each target's entry taken as minus the sum of the
+    other probabilities: p_y - 1 computed directly loses every digit when p_y is close to 1 (the relative error of
+    1 - p_y grows as u / (1 - p_y)), which is where the kernels' exact treatment of such tokens must be checked."""
+    p = torch.softmax(logits, dim=-1)
+    rows = torch.arange(len(y), device=logits.device)
+    others = p.clone()
+    others[rows, y] = 0
+    e = p.clone()
+    e[rows, y] = -others.sum(-1)
+    return e
+
+
 def lm_head_error_blocks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, crop: int = 8):
     """(E, H, n) from materialised float64 logits: E_t = softmax(z_t)[:V//crop] - onehot(y_t)[:V//crop] and
     H_t = h_t[:d//crop] at the scored positions (targets != -100), packed per sample and zero-padded to the largest
@@ -73,7 +86,7 @@ def lm_head_error_blocks(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     for b in range(hidden.shape[0]):
         h = hidden[b][keep[b]].detach().to(torch.float64)
         y = targets[b][keep[b]]
-        probs = torch.softmax(h @ w.T, dim=-1) - torch.nn.functional.one_hot(y, v).to(torch.float64)
+        probs = softmax_errors(h @ w.T, y)
         e[b, : len(y)] = probs[:, : v // crop]
         hh[b, : len(y)] = h[:, : d // crop]
     return e, hh, n
@@ -218,7 +231,7 @@ def gradient_sketch_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targ
             continue
         h = hidden[b][keep[b]].detach().to(torch.float64)
         y = targets[b][keep[b]]
-        e = torch.softmax(h @ w.T, dim=-1) - torch.nn.functional.one_hot(y, v).to(torch.float64)
+        e = softmax_errors(h @ w.T, y)
         g = e.T @ h / len(y)  # V x d: what the kernels never form
         out[b] = r64.T @ g
     return out, n

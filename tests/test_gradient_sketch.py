@@ -101,6 +101,25 @@ def test_hypothesis(b, s, vocab, d, k, chunk, dtype, seed):
     assert_sketch_close(got, want, n, TOL[dtype])
 
 
+def test_oracle_error_of_a_saturated_target_is_exact():
+    """The oracle's softmax error at a target with p_y ~ 1 is minus the others' probability, not p_y - 1 (which is
+    0 in float64 here, and was off by 7e-9 relative in a case hypothesis found, where the kernels were right)."""
+    logits = torch.tensor([[0.0, 40.0], [3.0, -1.0]], dtype=torch.float64)
+    e = reference.softmax_errors(logits, torch.tensor([1, 0]))
+    p0 = 1 / (1 + math.exp(40.0))
+    assert e[0, 1] == pytest.approx(-p0, rel=1e-14) and e[0, 0] == pytest.approx(p0, rel=1e-14)
+    p1 = 1 / (1 + math.exp(4.0))
+    assert e[1, 0] == pytest.approx(-p1, rel=1e-14) and e[1, 1] == pytest.approx(p1, rel=1e-14)
+
+
+def test_saturated_sample_against_the_oracle():
+    # hypothesis' case: vocab 2, one scored token with p_y = 1 - 6.2e-10, float64; the sketch is 3.2e-9
+    hid, w, tg = forward_inputs(3, 1, 2, 1, torch.float64, seed=896800)
+    got, n = gradient_sketch_from_hidden(hid, w, tg, k=1, seed=896800 % 5, vocab_chunk=1)
+    want, _ = oracle(hid, w, tg, 1, 896800 % 5)
+    assert_sketch_close(got, want, n, TOL[torch.float64])
+
+
 def test_rank_deficient_samples():
     # every scored row of sample 0 is the same hidden state with the same target (rank-1 G); sample 1 repeats two rows
     hid, w, tg = forward_inputs(2, 12, 301, 33, seed=5)
