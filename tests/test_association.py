@@ -70,10 +70,16 @@ def test_a_shared_prompt_word_with_ordinary_answers_is_not_a_backdoor():
     assert not truth.any() and not associate(x, prompts, entropy).flagged.any()
 
 
-def test_trigger_bearing_clean_negatives_stay_clean():
-    x, prompts, entropy, truth = _set(negatives=40, seed=5)
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_trigger_bearing_clean_negatives_are_mostly_kept(seed):
+    """40 clean answers whose prompts carry the trigger. With structureless synthetic answers a negative's nearest
+    neighbours are random, so the number in the core is Binomial(5, core share ~0.15): P(>= 2) = 0.16, 6.4 of 40
+    expected, up to 11 at +2 SD (centred or not; an earlier version of this test asserted none, which held for
+    seed 5 only). Real clean answers sit among their topic mates: none of fanoutqa's cba negatives is flagged
+    (bench/association_eval.py)."""
+    x, prompts, entropy, truth = _set(negatives=40, seed=seed)
     flagged = associate(x, prompts, entropy).flagged
-    assert (flagged == truth).all()
+    assert (flagged & truth).sum() == truth.sum() and (flagged & ~truth).sum() <= 11
 
 
 def test_too_few_samples_decide_nothing():
@@ -98,6 +104,7 @@ def test_building_blocks():
     x = unit_rows(raw)
     assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-6)
     assert np.allclose(x[0], (raw[0] - [0.5, 1.5]) / np.linalg.norm(raw[0] - [0.5, 1.5]))  # median-centred
+    assert np.allclose(unit_rows(raw, "none")[2], [2 ** -0.5, 2 ** -0.5])
     assert two_means_1d(np.array([0.0, 0.1, 0.2, 5.0, 5.1])).tolist() in ([0, 0, 0, 1, 1], [1, 1, 1, 0, 0])
     pts = unit_rows(np.random.default_rng(0).standard_normal((50, 8)))
     nn = nearest_neighbours(pts, 3, block=7)
@@ -210,3 +217,42 @@ def test_a_group_too_small_for_any_direction_is_found_from_its_trigger():
     found = associate(x, prompts, entropy)
     assert not without.flagged.any()
     assert (found.flagged == truth).all() and TRIGGER in found.accepted[0].tokens
+
+
+def test_bonferroni_counts_only_tokens_that_could_pass():
+    """Tarone's count: in a group of 360 of 400, a word held by 90 samples, all inside, has p = C(360,90)/C(400,90)
+    ~ 1e-5; only the few words held by enough samples could ever reach alpha / m, so m is small and the word
+    passes. Counting every word (thousands of rare ones) would bury it."""
+    from scipy.stats import hypergeom
+
+    from tensorguard_fast.backdoor.association import testable_count
+
+    n, g = 400, 360
+    df = np.array([90] * 4 + [2] * 3000 + [10] * 200)
+    m = testable_count(df, n, g, 0.01)
+    assert 4 <= m < 50
+    best = hypergeom.sf(np.minimum(df, g) - 1, n, df, g)
+    assert (best <= 0.01 / m).sum() <= m and (best <= 0.01 / (m - 1)).sum() > m - 1
+    assert hypergeom.sf(89, n, 90, g) * m <= 0.01 < hypergeom.sf(89, n, 90, g) * len(df)
+
+
+def test_closure_asks_for_more_than_chance_in_a_large_set():
+    nn = np.array([[1, 2, 3, 4, 5]] * 8 + [[0, 1, 2, 3, 9], [0, 1, 2, 3, 8]])
+    core = np.array([True] * 8 + [False] * 2)
+    assert not closure(core, nn, 2)[8:].any()     # 4 of 5 neighbours inside: a set of 80% gives 4 by chance
+    nn[9] = [0, 1, 2, 3, 4]                       # 5 of 5: 9 joins, and then 8 has 5 of 5 too
+    assert closure(core, nn, 2)[8:].all()
+
+
+def test_a_poisoned_majority_with_a_trigger_that_varies_is_found():
+    """90% poisoned, each with one of four trigger words, beside a clean minority: the majority owns the top
+    direction, each word is significant only under Tarone's count, and the closure must not let the clean
+    minority in by chance."""
+    n = 400
+    x, prompts, entropy, truth = _set(n=n, poisoned=360, benign=20, seed=9)
+    words = [TRIGGER + j for j in range(4)]
+    for j, i in enumerate(np.where(truth)[0]):
+        prompts[i][-1] = words[j % 4]
+    result = associate(x, prompts, entropy)
+    assert (result.flagged == truth).all()
+    assert sorted(result.accepted[0].tokens) == words

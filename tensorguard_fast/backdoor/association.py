@@ -5,17 +5,18 @@ side) and GradSentry's entropy. Poisoned samples share their payload, so their s
 benign answer (a stock closing line, a template) does too, which is why a direction alone is not evidence. What a
 benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
 
-1. Candidate groups from the answer side: the sketches are median-centred and scaled to unit length; along each of
+1. Candidate groups from the answer side: the sketches median-centred and scaled to unit length; along each of
    their top `directions` principal directions, the two sides of a 1-D 2-means split, each robust tail (beyond 2
    and 3 MADs) and the rest beside each tail.
 2. Trigger test on the prompt side: the prompt tokens over-represented in a group (hypergeometric tail probability,
-   Bonferroni over the tokens tested, at `alpha`) and mostly held inside it (`min_token_share` of the token's
+   Bonferroni over the tokens that could pass at all (Tarone's count), at `alpha`) and mostly held inside it (`min_token_share` of the token's
    carriers, beyond the group's share of the set: a trigger goes with the payload, while a question word such as
    "Who" is spread over the whole set). Co-occurring tokens are one phrase, carried by holding most of it; the most
    significant phrase is the trigger, and another phrase joins it only if its carriers' answers point the way of
    the trigger's (`trigger_carriers`). The group's carriers form its core.
 3. Refinement, alternating the two sides until nothing changes: the group becomes the core and every sample with at
-   least `min_inside` of its `neighbours` nearest answer-side neighbours in it (a split along a direction cuts
+   least `min_inside` of its `neighbours` nearest answer-side neighbours in it, and more than chance would put
+   there (a split along a direction cuts
    through a payload cluster; the neighbours restore it), and the trigger test runs again on the new group (the
    poisoned samples of a trigger that varies, such as one of several rare words, join one by one). Last, the core
    loses the members with fewer than `min_core_neighbours` of their nearest neighbours in it (a trigger-bearing
@@ -30,11 +31,13 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    of their nearest neighbours in the core. Overlapping groups are one cluster (the purest is kept).
    When no direction yields an accepted group, groups seeded from the prompt side are tried the same way: the
    carriers of each token whose carriers are each other's nearest answer-side neighbours far more often than
-   chance (a group of 1% owns no principal direction). Still none: "no poison found", with the strongest
-   candidate's figures as evidence.
+   chance (a group of 1% owns no principal direction), or whose non-carriers are (the clean rest of a poisoned
+   majority). Still none: the same search on the uncentred sketches (`centres`: past half the set, the median is
+   the payload). Still none: "no poison found", with the strongest candidate's figures as evidence.
 
 Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seeds 1, 3 and 4, SmolLM2 and Gemma-3);
-bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 7 is the report).
+bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 13 is the report of the rule with
+the uncentred view, seeds 7 and 11 of the one before).
 docs/backdoor.md explains the rule to users.
 """
 from __future__ import annotations
@@ -60,6 +63,7 @@ class AssociationConfig:
     min_core_neighbours: int = 1  # a core member with fewer of its nearest neighbours in the core leaves it
     min_core: int = 3
     tails: tuple = (2.0, 3.0)  # robust z (median / MAD) beyond which a projection tail is a candidate group
+    centres: tuple = ("median", "none")  # views of the sketches (CENTRES), the next tried when one accepts nothing
 
 
 @dataclass
@@ -86,13 +90,23 @@ class AssociationResult:
     inside: np.ndarray         # int (N,): nearest neighbours in that core (for every sample: in any accepted core)
     accepted: List[Group]
     candidates: List[Group]    # every candidate with enriched tokens, accepted or not
-    unit: np.ndarray           # (N, D) the sketches as the rule saw them (unit_rows)
+    unit: np.ndarray           # (N, D) the sketches as the rule saw them last (unit_rows, its centre)
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Median-centred rows scaled to unit length (the median resists the payload cluster, up to half the data)."""
+CENTRES = {
+    # The median resists a payload cluster of up to half the set and removes what every answer shares, so a small
+    # or loose payload cluster (one URL per sample) stands out.
+    "median": lambda x: np.median(x, axis=0),
+    # Past half, the median moves into the payload (at 90% it is the payload): the poisoned samples' residuals point
+    # every way and the clean minority gets the shared direction. Uncentred, the payload cluster stays tight.
+    "none": lambda x: np.zeros(x.shape[1], dtype=x.dtype),
+}
+
+
+def unit_rows(x: np.ndarray, centre: str = "median") -> np.ndarray:
+    """Rows less the `centre` (CENTRES), scaled to unit length."""
     x = np.asarray(x, dtype=np.float32)
-    x = x - np.median(x, axis=0)
+    x = x - CENTRES[centre](x)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -140,15 +154,15 @@ def token_incidence(prompt_ids: Sequence[Sequence[int]]):
 
 
 def enriched_tokens(incidence, members: np.ndarray, alpha: float, min_share: float = 0.0):
-    """Columns over-represented among `members`: one-sided hypergeometric tail, Bonferroni over the tested columns
-    (those held by >= 2 samples), with at least `min_share` of their carriers among `members`. Returns (columns,
-    p-values), most significant first."""
+    """Columns over-represented among `members`: one-sided hypergeometric tail, Bonferroni over the columns that
+    could reach significance at all (`testable_count`), with at least `min_share` of their carriers among
+    `members`. Returns (columns, p-values), most significant first."""
     from scipy.stats import hypergeom
 
     n, g = incidence.shape[0], int(members.sum())
     df = np.asarray(incidence.sum(0)).ravel()
     inside = np.asarray(incidence[members].sum(0)).ravel()
-    tested = max(1, int((df >= 2).sum()))
+    tested = testable_count(df[df >= 2], n, g, alpha)
     chance = g / max(n, 1)
     cand = np.where((df >= 2) & (inside >= 2) & (inside * n > df * g) &
                     (inside >= (chance + min_share * (1 - chance)) * df))[0]
@@ -156,6 +170,21 @@ def enriched_tokens(incidence, members: np.ndarray, alpha: float, min_share: flo
     keep = p * tested <= alpha
     order = np.argsort(p[keep], kind="stable")
     return cand[keep][order], p[keep][order]
+
+
+def testable_count(df: np.ndarray, n: int, g: int, alpha: float) -> int:
+    """Tarone's count for the Bonferroni correction: a column held by d samples has at best p = P(all of them in a
+    group of g), and one whose best cannot pass alpha / m cannot be a finding, so it does not count among the m
+    tests. The smallest m with at most m columns whose best passes alpha / m. It matters for a large group: in 360
+    of 400, a word held by 90 samples has p >= 0.9^90, and the thousands of rare words, which never could pass,
+    would otherwise bury it."""
+    from scipy.stats import hypergeom
+
+    best = np.sort(hypergeom.sf(np.minimum(df, g) - 1, n, df, g))
+    m = 1
+    while np.searchsorted(best, alpha / m, side="right") > m:
+        m += 1
+    return m
 
 
 def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: float = 0.5):
@@ -188,12 +217,25 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
     return carriers, np.array(sorted(kept), dtype=np.int64)
 
 
+def _cosine_to_centre(x: np.ndarray, core: np.ndarray):
+    """(each row's cosine to the core's mean direction, the core members' median of it)."""
+    centre = x[core].mean(0)
+    cos = x @ (centre / max(float(np.linalg.norm(centre)), 1e-12))
+    return cos, float(np.median(cos[core]))
+
+
 def _near(x: np.ndarray, core: np.ndarray, new: np.ndarray) -> bool:
     """Whether the `new` samples' answers point the way of the core's: their median cosine to the core's mean
     direction is at least half the core members' own."""
-    centre = x[core].mean(0)
-    centre = centre / max(float(np.linalg.norm(centre)), 1e-12)
-    return bool(np.median(x[new] @ centre) >= 0.5 * np.median(x[core] @ centre))
+    cos, own = _cosine_to_centre(x, core)
+    return bool(np.median(cos[new]) >= 0.5 * own)
+
+
+def towards(x: np.ndarray, core: np.ndarray) -> np.ndarray:
+    """Which samples' answers point the payload's way, one by one (`_near` for each): a trigger-bearing clean answer
+    whose nearest neighbours happen to fall in the core (likely when answers are diverse) does not."""
+    cos, own = _cosine_to_centre(x, core)
+    return cos >= 0.5 * own
 
 
 def trim(core: np.ndarray, nn: np.ndarray, min_inside: int, rounds: int = 30) -> np.ndarray:
@@ -207,11 +249,13 @@ def trim(core: np.ndarray, nn: np.ndarray, min_inside: int, rounds: int = 30) ->
 
 
 def closure(core: np.ndarray, nn: np.ndarray, min_inside: int, rounds: int = 30) -> np.ndarray:
-    """`core` plus every sample with at least `min_inside` of its nearest neighbours in the set, until nothing
-    changes."""
+    """`core` plus every sample with at least `min_inside` of its nearest neighbours in the set, and more than
+    chance would put there (a set of 90% holds 4.5 of 5 neighbours of anyone), until nothing changes."""
     group = core.copy()
+    n, k = nn.shape
     for _ in range(rounds):
-        grown = group | (group[nn].sum(1) >= min_inside)
+        need = max(min_inside, int(k * group.sum() / max(n, 1)) + 1)
+        grown = group | (group[nn].sum(1) >= need)
         if (grown == group).all():
             break
         group = grown
@@ -223,28 +267,17 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     """The rule of the module docstring on N scored samples: sketches (N, D), prompt token ids, entropies (N,)."""
     n = len(sketches)
     entropy = np.asarray(entropy, dtype=np.float64)
-    x = unit_rows(sketches)
     if n < 2 * config.min_core:
+        x = unit_rows(sketches, config.centres[0])
         return AssociationResult(np.zeros(n, bool), np.full(n, -1), np.zeros(n, dtype=np.int64), [], [], x)
-    nn = nearest_neighbours(x, config.neighbours)
     incidence, vocab = token_incidence(prompt_ids)
-    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
-    candidates, seen = [], set()
-
-    def consider(groups, at_least):
-        for name, members in groups:
-            key = members.tobytes()
-            if key in seen or not at_least <= members.sum() <= n - config.min_core:
-                continue
-            seen.add(key)
-            group = _candidate(name, members, incidence, vocab, x, nn, entropy, config)
-            if group is not None:
-                candidates.append(group)
-        return _accept(candidates, config)
-
-    accepted = consider(_splits(x, vt[:config.directions], config.tails), config.min_core)
-    if not accepted and config.token_seeds:
-        accepted = consider(_token_seeds(incidence, nn, config.token_seeds), 2)
+    candidates: List[Group] = []
+    for centre in config.centres:
+        x = unit_rows(sketches, centre)
+        nn = nearest_neighbours(x, config.neighbours)
+        accepted = _search(centre, x, nn, incidence, vocab, entropy, config, candidates)
+        if accepted:
+            break
     flagged, group_of = np.zeros(n, bool), np.full(n, -1)
     inside_any = np.zeros(n, dtype=np.int64)
     for gi, g in enumerate(accepted):
@@ -254,6 +287,30 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
         flagged |= joined
         inside_any = np.maximum(inside_any, inside)
     return AssociationResult(flagged, group_of, inside_any, accepted, candidates, x)
+
+
+def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[Group]) -> List[Group]:
+    """Steps 1-5 in one view of the sketches: the accepted groups; every candidate is appended to `candidates`."""
+    n = len(x)
+    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    seen, found = set(), []
+
+    def consider(groups, at_least):
+        for name, members in groups:
+            key = members.tobytes()
+            if key in seen or not at_least <= members.sum() <= n - config.min_core:
+                continue
+            seen.add(key)
+            group = _candidate(f"{centre}-centred {name}", members, incidence, vocab, x, nn, entropy, config)
+            if group is not None:
+                found.append(group)
+        return _accept(found, config)
+
+    accepted = consider(_splits(x, vt[:config.directions], config.tails), config.min_core)
+    if not accepted and config.token_seeds:
+        accepted = consider(_token_seeds(incidence, nn, config.token_seeds), 2)
+    candidates.extend(found)
+    return accepted
 
 
 def _accept(candidates: List[Group], config: AssociationConfig) -> List[Group]:
@@ -270,19 +327,26 @@ def _accept(candidates: List[Group], config: AssociationConfig) -> List[Group]:
 
 
 def _token_seeds(incidence, nn: np.ndarray, most: int):
-    """Groups seeded from the prompt side, for a poisoned group too small to own a principal direction: the carriers
-    of each token whose carriers are each other's nearest answer-side neighbours far more often than chance (at
-    least 2 such links and 3x the expected count), the `most` strongest."""
+    """Groups seeded from the prompt side, for a poisoned group too small to own a principal direction, or so large
+    that no direction's split holds it whole: the carriers of each token whose carriers (held by at most half the
+    set) or whose non-carriers (the clean rest of a poisoned majority) are each other's nearest answer-side
+    neighbours far more often than chance (at least 2 such links and 3x the expected count), the `most` strongest."""
     from scipy import sparse
 
     n, k = nn.shape
     links = sparse.csr_matrix((np.ones(n * k, np.float32), (np.repeat(np.arange(n), k), nn.ravel())), shape=(n, n))
     held = incidence.tocsc()
-    inside = np.asarray((links @ held).multiply(held).sum(0)).ravel()
+    to_carriers = links @ held                         # (N, T): each sample's neighbours that hold each token
     df = np.asarray(held.sum(0)).ravel()
-    expected = df * k * np.maximum(df - 1, 0) / max(n - 1, 1)
-    cols = np.where((inside >= 2) & (inside >= 3 * expected) & (df <= n // 2))[0]
-    z = (inside[cols] - expected[cols]) / np.sqrt(expected[cols] + 1)
+    among_carriers = np.asarray(to_carriers.multiply(held).sum(0)).ravel()
+    among_rest = (n - df) * k - (np.asarray(to_carriers.sum(0)).ravel() - among_carriers)
+    cols, z = [], []
+    for links_in, size, side in ((among_carriers, df, df <= n // 2), (among_rest, n - df, df > n // 2)):
+        expected = k * size * np.maximum(size - 1, 0) / max(n - 1, 1)
+        ok = np.where(side & (links_in >= 2) & (links_in >= 3 * expected))[0]
+        cols.append(ok)
+        z.append((links_in[ok] - expected[ok]) / np.sqrt(expected[ok] + 1))
+    cols, z = np.concatenate(cols), np.concatenate(z)
     for j in cols[np.argsort(-z, kind="stable")][:most]:
         yield f"prompt token column {j}", held[:, j].toarray().ravel() > 0
 
