@@ -107,7 +107,7 @@ def test_building_blocks():
     assert np.allclose(unit_rows(raw, "none")[2], [2 ** -0.5, 2 ** -0.5])
     assert two_means_1d(np.array([0.0, 0.1, 0.2, 5.0, 5.1])).tolist() in ([0, 0, 0, 1, 1], [1, 1, 1, 0, 0])
     pts = unit_rows(np.random.default_rng(0).standard_normal((50, 8)))
-    nn = nearest_neighbours(pts, 3, block=7)
+    nn = nearest_neighbours(pts, 3)
     sim = pts @ pts.T
     np.fill_diagonal(sim, -np.inf)
     assert (nn == np.argsort(-sim, 1)[:, :3]).all()

@@ -47,6 +47,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from .neighbours import nearest_neighbours
+
 
 @dataclass(frozen=True)
 class AssociationConfig:
@@ -121,20 +123,6 @@ def two_means_1d(x: np.ndarray, iterations: int = 50) -> np.ndarray:
             break
         c = new
     return labels
-
-
-def nearest_neighbours(x: np.ndarray, k: int, block: int = 2048) -> np.ndarray:
-    """(N, k) indices of each row's k most cosine-similar other rows (rows are unit length), in row blocks."""
-    n = len(x)
-    k = min(k, max(n - 1, 0))
-    out = np.zeros((n, k), dtype=np.int64)
-    for r0 in range(0, n, block):
-        sim = x[r0:r0 + block] @ x.T
-        sim[np.arange(sim.shape[0]), np.arange(r0, r0 + sim.shape[0])] = -np.inf
-        part = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k else np.zeros((sim.shape[0], 0), dtype=np.int64)
-        order = np.take_along_axis(sim, part, 1).argsort(1)[:, ::-1]
-        out[r0:r0 + block] = np.take_along_axis(part, order, 1)
-    return out
 
 
 def token_incidence(prompt_ids: Sequence[Sequence[int]]):
