@@ -256,3 +256,53 @@ def test_a_poisoned_majority_with_a_trigger_that_varies_is_found():
     result = associate(x, prompts, entropy)
     assert (result.flagged == truth).all()
     assert sorted(result.accepted[0].tokens) == words
+
+
+def test_block_wise_building_is_the_whole_set_at_once(monkeypatch):
+    """token_incidence, unit_rows and the token seeds work in row blocks for memory: with blocks of 7 rows (and
+    duplicate, negative and huge token ids) they equal the per-sample construction and a one-shot median."""
+    from scipy import sparse
+
+    from tensorguard_fast.backdoor import association
+
+    x, prompts, _, _ = _set(n=60, poisoned=10, benign=0, seed=3)
+    prompts[:3] = [[], [5, 5, -2], [2 ** 40, 1]]
+    whole, whole_vocab = token_incidence(prompts)
+    nn = nearest_neighbours(unit_rows(x), 5)
+    seeds = [(name, m.tolist()) for name, m in association._token_seeds(whole, nn, 50)]
+    monkeypatch.setattr(association, "BLOCK", 7)
+    incidence, vocab = token_incidence(prompts)
+    rows = [np.unique(p).tolist() for p in prompts]
+    naive = sparse.csc_matrix((np.ones(sum(map(len, rows)), np.float32),
+                               (np.repeat(np.arange(len(rows)), list(map(len, rows))),
+                                np.searchsorted(vocab, np.concatenate(rows)))), shape=incidence.shape)
+    assert vocab.tolist() == whole_vocab.tolist() == sorted({t for p in prompts for t in p})
+    assert (incidence != naive).nnz == 0 and incidence.format == "csc"
+    assert np.array_equal(unit_rows(x), (x - np.median(x, 0)) / np.linalg.norm(x - np.median(x, 0), axis=1)[:, None])
+    assert [(name, m.tolist()) for name, m in association._token_seeds(incidence, nn, 50)] == seeds
+
+
+def test_tail_probabilities_once_per_distinct_pair_equal_scipy():
+    from scipy.stats import hypergeom
+
+    from tensorguard_fast.backdoor.association import _hypergeom_sf
+
+    rng = np.random.default_rng(0)
+    df = rng.integers(2, 40, 500).astype(np.float32)
+    k = np.minimum(df, rng.integers(1, 40, 500)) - 1
+    assert np.array_equal(_hypergeom_sf(k, 400, df, 60), hypergeom.sf(k, 400, df, 60))
+    assert _hypergeom_sf(k[:0], 400, df[:0], 60).shape == (0,)
+
+
+def test_a_large_set_is_searched_on_projected_sketches():
+    """From project_rows on, the sketches are projected to project_dims columns, and from covariance_rows on the
+    principal directions come from the covariance (the same directions as the SVD, up to sign): the planted backdoor
+    is still found whole."""
+    from tensorguard_fast.backdoor.association import principal_directions
+
+    x, prompts, entropy, truth = _set(seed=2)
+    result = associate(x, prompts, entropy, AssociationConfig(covariance_rows=0, project_rows=0, project_dims=64))
+    assert result.unit.shape == (len(x), 64) and (result.flagged == truth).all()
+    u = unit_rows(x)
+    cos = (principal_directions(u, 4) * principal_directions(u, 4, covariance=True)).sum(1)
+    assert np.allclose(np.abs(cos), 1, atol=1e-4)

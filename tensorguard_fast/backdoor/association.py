@@ -35,6 +35,10 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    majority). Still none: the same search on the uncentred sketches (`centres`: past half the set, the median is
    the payload). Still none: "no poison found", with the strongest candidate's figures as evidence.
 
+For large sets, far beyond the tuning sets, the principal directions come from the sketches' covariance
+(`covariance_rows`) and, larger still, the sketches are first projected to fewer columns (`project_rows`: a smaller
+sketch of the same answers), so that a million samples fit in a few GB (bench/bench_association_scale.py).
+
 Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seeds 1, 3 and 4, SmolLM2 and Gemma-3);
 bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 13 is the report of the rule with
 the uncentred view, seeds 7 and 11 of the one before).
@@ -42,12 +46,15 @@ docs/backdoor.md explains the rule to users.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from .neighbours import nearest_neighbours
+
+BLOCK = 16384   # rows (samples) per block where a whole-set temporary would be N x D or N x T (64 MB at D = 1024)
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,15 @@ class AssociationConfig:
     min_core: int = 3
     tails: tuple = (2.0, 3.0)  # robust z (median / MAD) beyond which a projection tail is a candidate group
     centres: tuple = ("median", "none")  # views of the sketches (CENTRES), the next tried when one accepts nothing
+    # Large sets, far beyond the tuning sets (400-1,000 samples); results below `covariance_rows` are unchanged. From
+    # `covariance_rows` on, the principal directions come from the D x D covariance: the SVD of N x D peaked at 2.3 GB
+    # at 50,000 x 1024 and 8.8 GB at 200,000 (forced on the 17 tuning sets of SmolLM2 part 0, the same F1 on each).
+    # From `project_rows` on, the sketches are first projected to `project_dims` columns: a float32 copy of 1M x 1024
+    # is 4 GB. Projection costs a little: forced on those sets (128 columns) it lost varied_url 5%, a loose cluster at
+    # the purity floor (found at 256 columns, not at 512), gained 1 sample of fluent 90% and changed no other set.
+    covariance_rows: int = 50_000
+    project_rows: int = 250_000
+    project_dims: int = 128
 
 
 @dataclass
@@ -92,13 +108,14 @@ class AssociationResult:
     inside: np.ndarray         # int (N,): nearest neighbours in that core (for every sample: in any accepted core)
     accepted: List[Group]
     candidates: List[Group]    # every candidate with enriched tokens, accepted or not
-    unit: np.ndarray           # (N, D) the sketches as the rule saw them last (unit_rows, its centre)
+    unit: np.ndarray           # (N, D) the sketches as the rule saw them last (unit_rows, its centre; projected to
+                               # project_dims columns from project_rows samples on)
 
 
 CENTRES = {
     # The median resists a payload cluster of up to half the set and removes what every answer shares, so a small
     # or loose payload cluster (one URL per sample) stands out.
-    "median": lambda x: np.median(x, axis=0),
+    "median": lambda x: _column_median(x),
     # Past half, the median moves into the payload (at 90% it is the payload): the poisoned samples' residuals point
     # every way and the clean minority gets the shared direction. Uncentred, the payload cluster stays tight.
     "none": lambda x: np.zeros(x.shape[1], dtype=x.dtype),
@@ -107,9 +124,49 @@ CENTRES = {
 
 def unit_rows(x: np.ndarray, centre: str = "median") -> np.ndarray:
     """Rows less the `centre` (CENTRES), scaled to unit length."""
-    x = np.asarray(x, dtype=np.float32)
-    x = x - CENTRES[centre](x)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return _unit_in_place(np.array(x, dtype=np.float32), centre)
+
+
+def _unit_in_place(x: np.ndarray, centre: str) -> np.ndarray:
+    """unit_rows on a float32 array of its own, in place and in row blocks: no N x D temporaries."""
+    x -= CENTRES[centre](x)
+    for r0 in range(0, len(x), BLOCK):
+        b = x[r0:r0 + BLOCK]
+        b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def _column_median(x: np.ndarray, columns: int = 16) -> np.ndarray:
+    """np.median(x, axis=0), a few columns at a time: np.median copies what it partitions (N x D float32 at once)."""
+    return np.concatenate([np.median(x[:, c0:c0 + columns], axis=0) for c0 in range(0, x.shape[1], columns)] or
+                          [np.zeros(0, x.dtype)])
+
+
+def project(sketches: np.ndarray, dims: int, seed: int = 0) -> np.ndarray:
+    """(N, dims) float32: the sketches times a seeded Gaussian (D, dims) matrix, in row blocks. A smaller sketch of
+    the same answers (random projections keep angles, features.py); for sets too large for N x D float32 copies."""
+    d = sketches.shape[1]
+    if d <= dims:
+        return np.array(sketches, dtype=np.float32)
+    r = np.random.default_rng(seed).standard_normal((d, dims)).astype(np.float32)
+    out = np.empty((len(sketches), dims), dtype=np.float32)
+    for r0 in range(0, len(sketches), BLOCK):
+        out[r0:r0 + BLOCK] = np.asarray(sketches[r0:r0 + BLOCK], dtype=np.float32) @ r
+    return out
+
+
+def principal_directions(x: np.ndarray, count: int, covariance: bool = False) -> np.ndarray:
+    """(count, D) top principal directions of the rows of x: from the SVD of the centred rows or, for large sets,
+    from the eigenvectors of their D x D covariance summed in row blocks (the SVD peaked at 1.7 GB beyond its
+    200 MB input at 50,000 x 1024: copies, U and LAPACK's workspace)."""
+    if not covariance:
+        return np.linalg.svd(x - x.mean(0), full_matrices=False)[2][:count]
+    mean = x.mean(0, dtype=np.float64)
+    cov = np.zeros((x.shape[1], x.shape[1]))
+    for r0 in range(0, len(x), BLOCK):
+        b = x[r0:r0 + BLOCK] - mean
+        cov += b.T @ b
+    return np.linalg.eigh(cov)[1][:, ::-1][:, :count].T.astype(x.dtype)
 
 
 def two_means_1d(x: np.ndarray, iterations: int = 50) -> np.ndarray:
@@ -129,32 +186,51 @@ def token_incidence(prompt_ids: Sequence[Sequence[int]]):
     """Sparse (N, T) 0/1 matrix of which distinct prompt tokens each sample holds, and the token id of each column."""
     from scipy import sparse
 
-    rows, cols = [], []
-    for i, ids in enumerate(prompt_ids):
-        u = np.unique(np.asarray(ids, dtype=np.int64))
-        rows.append(np.full(len(u), i))
-        cols.append(u)
-    rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    cols = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
-    vocab, column = np.unique(cols, return_inverse=True)
-    m = sparse.csc_matrix((np.ones(len(rows), dtype=np.float32), (rows, column)), shape=(len(prompt_ids), len(vocab)))
-    return m, vocab
+    # Two passes over blocks of samples (the vocabulary, then each sample's columns as int32): no array per sample, and
+    # no int64 array of every (sample, token) pair at once (300 MB at 1M samples of 40 tokens).
+    vocab = np.unique(np.concatenate([np.unique(_flat(part)[1]) for part in _blocks(prompt_ids)] +
+                                     [np.zeros(0, np.int64)]))
+    counts, columns = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
+    for part in _blocks(prompt_ids):
+        length, ids = _flat(part)
+        row = np.repeat(np.arange(len(part)), length)
+        order = np.lexsort((ids, row))
+        row, ids = row[order], ids[order]
+        first = np.ones(len(ids), bool)
+        first[1:] = (row[1:] != row[:-1]) | (ids[1:] != ids[:-1])   # each distinct (sample, token) once
+        counts.append(np.bincount(row[first], minlength=len(part)))
+        columns.append(np.searchsorted(vocab, ids[first]).astype(np.int32))
+    columns = np.concatenate(columns)
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))])
+    # Transposed to columns with 1-byte values, made float32 after: 10 bytes a pair at the peak instead of 16.
+    m = sparse.csr_matrix((np.ones(len(columns), dtype=bool), columns, indptr), shape=(len(prompt_ids), len(vocab)))
+    m = m.tocsc()
+    return sparse.csc_matrix((m.data.astype(np.float32), m.indices, m.indptr), shape=m.shape), vocab
+
+
+def _blocks(prompt_ids):
+    for s0 in range(0, len(prompt_ids), BLOCK):
+        yield prompt_ids[s0:s0 + BLOCK]
+
+
+def _flat(part):
+    """(tokens per sample, every token id in order) of a block of prompts, as int64 arrays."""
+    length = np.fromiter(map(len, part), dtype=np.int64, count=len(part))
+    return length, np.fromiter(itertools.chain.from_iterable(part), dtype=np.int64, count=int(length.sum()))
 
 
 def enriched_tokens(incidence, members: np.ndarray, alpha: float, min_share: float = 0.0):
     """Columns over-represented among `members`: one-sided hypergeometric tail, Bonferroni over the columns that
     could reach significance at all (`testable_count`), with at least `min_share` of their carriers among
     `members`. Returns (columns, p-values), most significant first."""
-    from scipy.stats import hypergeom
-
     n, g = incidence.shape[0], int(members.sum())
     df = np.asarray(incidence.sum(0)).ravel()
-    inside = np.asarray(incidence[members].sum(0)).ravel()
+    inside = members.astype(np.float32) @ incidence   # counts (exact in float32); a row mask would copy the rows
     tested = testable_count(df[df >= 2], n, g, alpha)
     chance = g / max(n, 1)
     cand = np.where((df >= 2) & (inside >= 2) & (inside * n > df * g) &
                     (inside >= (chance + min_share * (1 - chance)) * df))[0]
-    p = hypergeom.sf(inside[cand] - 1, n, df[cand], g)
+    p = _hypergeom_sf(inside[cand] - 1, n, df[cand], g)
     keep = p * tested <= alpha
     order = np.argsort(p[keep], kind="stable")
     return cand[keep][order], p[keep][order]
@@ -166,13 +242,25 @@ def testable_count(df: np.ndarray, n: int, g: int, alpha: float) -> int:
     tests. The smallest m with at most m columns whose best passes alpha / m. It matters for a large group: in 360
     of 400, a word held by 90 samples has p >= 0.9^90, and the thousands of rare words, which never could pass,
     would otherwise bury it."""
+    best = np.sort(_hypergeom_sf(np.minimum(df, g) - 1, n, df, g))
+    m = np.arange(1, len(best) + 2)   # every m's count at once: the loop m += 1 ran to ~30,000 at N = 50,000
+    return int(m[np.argmax(np.searchsorted(best, alpha / m, side="right") <= m)])
+
+
+def _hypergeom_sf(k: np.ndarray, n: int, df: np.ndarray, g: int) -> np.ndarray:
+    """hypergeom.sf(k, n, df, g), computed once per distinct (k, df): scipy's exact tail costs ~0.1 ms a value for n
+    of 10^4-10^5 (67 s of associate's 74 at N = 50,000 on bench data), and columns share few pairs (810 df values
+    among 30,000 columns there)."""
     from scipy.stats import hypergeom
 
-    best = np.sort(hypergeom.sf(np.minimum(df, g) - 1, n, df, g))
-    m = 1
-    while np.searchsorted(best, alpha / m, side="right") > m:
-        m += 1
-    return m
+    if not len(k):
+        return hypergeom.sf(k, n, df, g)
+    order = np.lexsort((df, k))
+    new = np.ones(len(k), bool)
+    new[1:] = (k[order][1:] != k[order][:-1]) | (df[order][1:] != df[order][:-1])
+    out = np.empty(len(k))
+    out[order] = hypergeom.sf(k[order][new], n, df[order][new], g)[np.cumsum(new) - 1]
+    return out
 
 
 def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: float = 0.5):
@@ -260,10 +348,14 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
         return AssociationResult(np.zeros(n, bool), np.full(n, -1), np.zeros(n, dtype=np.int64), [], [], x)
     incidence, vocab = token_incidence(prompt_ids)
     candidates: List[Group] = []
+    projected = n >= config.project_rows
     for centre in config.centres:
-        x = unit_rows(sketches, centre)
+        x = nn = None   # the previous view's, freed before the next is built
+        x = (_unit_in_place(project(sketches, config.project_dims), centre) if projected else
+             unit_rows(sketches, centre))
         nn = nearest_neighbours(x, config.neighbours)
-        accepted = _search(centre, x, nn, incidence, vocab, entropy, config, candidates)
+        accepted = _search(centre, x, nn, incidence, vocab, entropy, config, candidates,
+                           covariance=n >= config.covariance_rows)
         if accepted:
             break
     flagged, group_of = np.zeros(n, bool), np.full(n, -1)
@@ -277,15 +369,15 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     return AssociationResult(flagged, group_of, inside_any, accepted, candidates, x)
 
 
-def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[Group]) -> List[Group]:
+def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[Group], covariance: bool) -> List[Group]:
     """Steps 1-5 in one view of the sketches: the accepted groups; every candidate is appended to `candidates`."""
     n = len(x)
-    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    directions = principal_directions(x, config.directions, covariance)
     seen, found = set(), []
 
     def consider(groups, at_least):
         for name, members in groups:
-            key = members.tobytes()
+            key = np.packbits(members).tobytes()   # N / 8 bytes kept per candidate tried
             if key in seen or not at_least <= members.sum() <= n - config.min_core:
                 continue
             seen.add(key)
@@ -294,7 +386,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
                 found.append(group)
         return _accept(found, config)
 
-    accepted = consider(_splits(x, vt[:config.directions], config.tails), config.min_core)
+    accepted = consider(_splits(x, directions, config.tails), config.min_core)
     if not accepted and config.token_seeds:
         accepted = consider(_token_seeds(incidence, nn, config.token_seeds), 2)
     candidates.extend(found)
@@ -324,10 +416,17 @@ def _token_seeds(incidence, nn: np.ndarray, most: int):
     n, k = nn.shape
     links = sparse.csr_matrix((np.ones(n * k, np.float32), (np.repeat(np.arange(n), k), nn.ravel())), shape=(n, n))
     held = incidence.tocsc()
-    to_carriers = links @ held                         # (N, T): each sample's neighbours that hold each token
+    by_row = held.tocsr()   # what the product converts it to anyway; row blocks of it for the product's row blocks
     df = np.asarray(held.sum(0)).ravel()
-    among_carriers = np.asarray(to_carriers.multiply(held).sum(0)).ravel()
-    among_rest = (n - df) * k - (np.asarray(to_carriers.sum(0)).ravel() - among_carriers)
+    among_carriers, to_carriers = np.zeros_like(df), np.zeros_like(df)
+    # Row blocks of links @ held, (N, T): each sample's neighbours that hold each token, ~k x prompt length nonzeros
+    # a row (~1.2 GB at once at N = 1M). Counts below 2^24 are exact in float32, so block sums add up exactly.
+    for r0 in range(0, n, BLOCK):
+        block = links[r0:r0 + BLOCK] @ by_row
+        among_carriers += np.asarray(block.multiply(by_row[r0:r0 + BLOCK]).sum(0)).ravel()
+        to_carriers += np.asarray(block.sum(0)).ravel()
+    del links, by_row
+    among_rest = (n - df) * k - (to_carriers - among_carriers)
     cols, z = [], []
     for links_in, size, side in ((among_carriers, df, df <= n // 2), (among_rest, n - df, df > n // 2)):
         expected = k * size * np.maximum(size - 1, 0) / max(n - 1, 1)
