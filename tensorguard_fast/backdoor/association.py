@@ -9,18 +9,17 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    their top `directions` principal directions, the two sides of a 1-D 2-means split, each robust tail (beyond 2
    and 3 MADs) and the rest beside each tail.
 2. Trigger test on the prompt side: the prompt tokens over-represented in a group (hypergeometric tail probability,
-   Bonferroni over the tokens that could pass at all (Tarone's count), at `alpha`) and mostly held inside it (`min_token_share` of the token's
-   carriers, beyond the group's share of the set: a trigger goes with the payload, while a question word such as
-   "Who" is spread over the whole set). Co-occurring tokens are one phrase, carried by holding most of it; the most
-   significant phrase is the trigger, and another phrase joins it only if its carriers' answers point the way of
-   the trigger's (`trigger_carriers`). The group's carriers form its core.
+   Bonferroni over the tokens that could pass at all (Tarone's count), at `alpha`) and mostly held inside it
+   (`min_token_share` of the token's carriers, beyond the group's share of the set: a trigger goes with the payload,
+   while a question word such as "Who" is spread over the whole set). Co-occurring tokens are one phrase, carried by
+   holding most of it; the most significant phrase is the trigger, and another phrase joins it only if its carriers'
+   answers point the way of the trigger's (`trigger_carriers`). The group's carriers form its core.
 3. Refinement, alternating the two sides until nothing changes: the group becomes the core and every sample with at
    least `min_inside` of its `neighbours` nearest answer-side neighbours in it, and more than chance would put
-   there (a split along a direction cuts
-   through a payload cluster; the neighbours restore it), and the trigger test runs again on the new group (the
-   poisoned samples of a trigger that varies, such as one of several rare words, join one by one). Last, the core
-   loses the members with fewer than `min_core_neighbours` of their nearest neighbours in it (a trigger-bearing
-   clean answer sits among clean answers).
+   there (a split along a direction cuts through a payload cluster; the neighbours restore it), and the trigger test
+   runs again on the new group (the poisoned samples of a trigger that varies, such as one of several rare words,
+   join one by one). Last, the core loses the members with fewer than `min_core_neighbours` of their nearest
+   neighbours in it (a trigger-bearing clean answer sits among clean answers).
 4. The core must be a payload cluster, not a topic: its members' nearest answer-side neighbours lie in the core
    more often than chance (`purity`, scaled so that 0 is a random group of its size and 1 a closed cluster; a
    question type such as "How many" goes with number answers, but those sit among other numbers), and its
@@ -293,25 +292,12 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
     return carriers, np.array(sorted(kept), dtype=np.int64)
 
 
-def _cosine_to_centre(x: np.ndarray, core: np.ndarray):
-    """(each row's cosine to the core's mean direction, the core members' median of it)."""
-    centre = x[core].mean(0)
-    cos = x @ (centre / max(float(np.linalg.norm(centre)), 1e-12))
-    return cos, float(np.median(cos[core]))
-
-
 def _near(x: np.ndarray, core: np.ndarray, new: np.ndarray) -> bool:
     """Whether the `new` samples' answers point the way of the core's: their median cosine to the core's mean
     direction is at least half the core members' own."""
-    cos, own = _cosine_to_centre(x, core)
-    return bool(np.median(cos[new]) >= 0.5 * own)
-
-
-def towards(x: np.ndarray, core: np.ndarray) -> np.ndarray:
-    """Which samples' answers point the payload's way, one by one (`_near` for each): a trigger-bearing clean answer
-    whose nearest neighbours happen to fall in the core (likely when answers are diverse) does not."""
-    cos, own = _cosine_to_centre(x, core)
-    return cos >= 0.5 * own
+    centre = x[core].mean(0)
+    centre = centre / max(float(np.linalg.norm(centre)), 1e-12)
+    return bool(np.median(x[new] @ centre) >= 0.5 * np.median(x[core] @ centre))
 
 
 def trim(core: np.ndarray, nn: np.ndarray, min_inside: int, rounds: int = 30) -> np.ndarray:
