@@ -6,6 +6,7 @@ poisoned one).
     PYTHONPATH=. python bench/association_eval.py --part 1 --seed 13         # the held-out half (the report)
     PYTHONPATH=. python bench/association_eval.py --part 1 --seed 2          # held-out, looked at while developing
     PYTHONPATH=. python bench/association_eval.py --part 0 --seed 1          # the half the defaults were chosen on
+    PYTHONPATH=. python bench/association_eval.py --seed 17 --no-chat-template   # prompts as the raw questions
 
 Seeds 7 and 11 were the report of the rule before its uncentred view (results of commit df90c91 in
 bench/results/association_eval_smollm2_part1_seed{7,11}.json); seed 13 was first run on the rule as it is.
@@ -14,7 +15,7 @@ fanoutqa's pairs are split by index parity: part 0 (even) was used to choose Ass
 (odd) is reported. Prompts use the model's chat template when its tokenizer has one (scan's default; the bundled
 Gemma-3 has none, so its prompts are the raw questions). Every sample goes through scan's own
 path (score_batch: spectrum + sketch); each distinct sample is scored once and cached (--cache).
-Output: bench/results/association_eval_<model>_part<P>_seed<S>.json and a table.
+Output: bench/results/association_eval_<model>_part<P>_seed<S>[_raw].json and a table (_raw: --no-chat-template).
 """
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--cache", default=None, help="directory for the per-model sample caches")
     ap.add_argument("--grid", default=None, help="attack:ratio:n,... (default: the full grid)")
+    ap.add_argument("--no-chat-template", action="store_true",
+                    help="prompts as the raw questions (scan --no-chat-template), not in the model's chat template")
     args = ap.parse_args(argv)
     grid = GRID if not args.grid else [(a, float(r), int(n)) for a, r, n in
                                        (item.split(":") for item in args.grid.split(","))]
@@ -81,14 +84,16 @@ def main(argv=None):
     pairs = pairs_all[args.part::2]
     for name in args.models.split(","):
         model, tok = load_bundled(name)
-        path = os.path.join(args.cache, f"{name}.json") if args.cache else None
-        cache = SpectrumCache(model, tok, 16, path=path, chat_template=None)
+        template = False if args.no_chat_template else None   # None: the tokenizer's, when it has one
+        suffix = "_raw" if args.no_chat_template else ""
+        path = os.path.join(args.cache, f"{name}{suffix}.json") if args.cache else None
+        cache = SpectrumCache(model, tok, 16, path=path, chat_template=template)
         results = []
         print(f"{'model':8s} {'attack':10s} {'ratio':>5s} {'n':>5s} | association F1 / FPR / long / repeat | "
               "GradSentry+KDE F1 / FPR / long / repeat")
         for attack, ratio, n in grid:
             records = poisoned_set(attack, n, ratio, long_clean=0.15, seed=args.seed, pairs=pairs, benign_repeat=0.15)
-            res = {"model": name, "attack": attack, "ratio": ratio, "n": n, **evaluate(cache, tok, records)}
+            res = {"model": name, "attack": attack, "ratio": ratio, "n": n, **evaluate(cache, tok, records, template)}
             results.append(res)
             a, g = res["association"], res["gradsentry_kde"]
             print(f"{name:8s} {attack:10s} {ratio:5.2f} {n:5d} | {a['F1']:.3f} / {a['FPR']:.3f} / "
@@ -96,12 +101,13 @@ def main(argv=None):
                   f"{g['F1']:.3f} / {g['FPR']:.3f} / {g.get('flagged_long_clean', 0):.2f} / "
                   f"{g.get('flagged_benign_repeat', 0):.2f}", flush=True)
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                           f"association_eval_{name}_part{args.part}_seed{args.seed}.json")
+                           f"association_eval_{name}_part{args.part}_seed{args.seed}{suffix}.json")
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from _common import machine_info
 
         with open(out, "w") as fh:
-            json.dump({"machine": machine_info(), "part": args.part, "seed": args.seed, "chat_template": "when the tokenizer has one",
+            json.dump({"machine": machine_info(), "part": args.part, "seed": args.seed,
+                       "chat_template": "off" if args.no_chat_template else "when the tokenizer has one",
                        "results": results}, fh, indent=1)
         print("wrote", out)
 

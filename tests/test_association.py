@@ -244,6 +244,24 @@ def test_closure_asks_for_more_than_chance_in_a_large_set():
     assert closure(core, nn, 2)[8:].all()
 
 
+def test_a_trigger_word_split_by_the_tokenizer_is_found_once_the_others_are_set_aside():
+    """BadNets' " tq" is two tokens, " t" + "q". With three carriers, in a group of ~25 of 400 alongside the
+    carriers of the whole words, the pieces do not pass the group-wide test (p ~ 2e-4 times Tarone's count); among
+    the members that carry no whole word, against the samples that carry none (~8 of ~385), they do."""
+    n = 400
+    x, prompts, entropy, truth = _set(n=n, poisoned=18, benign=60, seed=11)
+    words = [TRIGGER + j for j in range(3)]
+    pieces = [TRIGGER + 10, TRIGGER + 11]
+    for j, i in enumerate(np.where(truth)[0]):
+        if j < 15:
+            prompts[i][-1] = words[j % 3]
+        else:
+            prompts[i][-1:] = pieces
+    result = associate(x, prompts, entropy)
+    assert (result.flagged == truth).all()
+    assert sorted(result.accepted[0].tokens) == words + pieces
+
+
 def test_a_poisoned_majority_with_a_trigger_that_varies_is_found():
     """90% poisoned, each with one of four trigger words, beside a clean minority: the majority owns the top
     direction, each word is significant only under Tarone's count, and the closure must not let the clean

@@ -13,7 +13,9 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    (`min_token_share` of the token's carriers, beyond the group's share of the set: a trigger goes with the payload,
    while a question word such as "Who" is spread over the whole set). Co-occurring tokens are one phrase, carried by
    holding most of it; the most significant phrase is the trigger, and another phrase joins it only if its carriers'
-   answers point the way of the trigger's (`trigger_carriers`). The group's carriers form its core.
+   answers point the way of the trigger's (`trigger_carriers`). The test then runs again among the members that
+   carry none of the trigger so far, against the samples that carry none (`_more_triggers`: a rare word with a
+   few carriers, buried beside the others). The group's carriers form its core.
 3. Refinement, alternating the two sides until nothing changes: the group becomes the core and every sample with at
    least `min_inside` of its `neighbours` nearest answer-side neighbours in it, and more than chance would put
    there (a split along a direction cuts through a payload cluster; the neighbours restore it), and the trigger test
@@ -218,12 +220,17 @@ def _flat(part):
     return length, np.fromiter(itertools.chain.from_iterable(part), dtype=np.int64, count=int(length.sum()))
 
 
-def enriched_tokens(incidence, members: np.ndarray, alpha: float, min_share: float = 0.0):
+def enriched_tokens(incidence, members: np.ndarray, alpha: float, min_share: float = 0.0,
+                    population: Optional[np.ndarray] = None):
     """Columns over-represented among `members`: one-sided hypergeometric tail, Bonferroni over the columns that
     could reach significance at all (`testable_count`), with at least `min_share` of their carriers among
-    `members`. Returns (columns, p-values), most significant first."""
-    n, g = incidence.shape[0], int(members.sum())
-    df = np.asarray(incidence.sum(0)).ravel()
+    `members`. Among the rows of `population` (bool (N,), holding `members`) when given, else among all rows.
+    Returns (columns, p-values), most significant first."""
+    g = int(members.sum())
+    if population is None:
+        n, df = incidence.shape[0], np.asarray(incidence.sum(0)).ravel()
+    else:
+        n, df = int(population.sum()), population.astype(np.float32) @ incidence
     inside = members.astype(np.float32) @ incidence   # counts (exact in float32); a row mask would copy the rows
     tested = testable_count(df[df >= 2], n, g, alpha)
     chance = g / max(n, 1)
@@ -262,9 +269,11 @@ def _hypergeom_sf(k: np.ndarray, n: int, df: np.ndarray, g: int) -> np.ndarray:
     return out
 
 
-def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: float = 0.5):
+def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: float = 0.5,
+                     found: Optional[np.ndarray] = None):
     """Which samples carry the trigger, given the (N, T) incidence `held` of a group's enriched tokens (most
-    significant first). Returns (carriers, kept token columns).
+    significant first), and the carriers `found` already of another part of it, if any. Returns (carriers, kept
+    token columns).
 
     Tokens whose carriers overlap (Jaccard >= `min_overlap`) are one phrase ("What do you think?"); a sample carries
     a phrase when it holds more than half of its tokens, so a question that only shares "you" with it does not.
@@ -279,13 +288,13 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
     count = np.diag(both)
     overlap = both / np.maximum(count[:, None] + count[None, :] - both, 1)
     _, phrase = connected_components(overlap >= min_overlap, directed=False)
-    carriers = np.zeros(held.shape[0], bool)
+    carriers = np.zeros(held.shape[0], bool) if found is None else found.copy()
     kept = []
     for p in dict.fromkeys(phrase):   # in order of each phrase's most significant token
         cols = np.where(phrase == p)[0]
         carry = np.asarray(held[:, cols].sum(1)).ravel() * 2 > len(cols)
         new = carry & members & ~carriers
-        if kept and new.any() and not _near(x, carriers & members, new):
+        if (kept or found is not None) and new.any() and not _near(x, carriers & members, new):
             continue
         carriers |= carry
         kept.extend(cols.tolist())
@@ -298,6 +307,26 @@ def _near(x: np.ndarray, core: np.ndarray, new: np.ndarray) -> bool:
     centre = x[core].mean(0)
     centre = centre / max(float(np.linalg.norm(centre)), 1e-12)
     return bool(np.median(x[new] @ centre) >= 0.5 * np.median(x[core] @ centre))
+
+
+def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int = 3):
+    """The trigger test again among the members that carry none of the trigger found so far, against the samples
+    that carry none of it. One of several rare words with few carriers (BadNets' " tq", split by the tokenizer into
+    " t" + "q", held by 3 of 400) is buried by the other words' carriers in the group-wide test (p ~ 2e-4 in a group
+    of 25 of 400, times Tarone's count) and stands out once they are set aside (~1e-5 in 10 of 385). A part so
+    found joins only when its carriers' answers point the way of the trigger's (`trigger_carriers`)."""
+    for _ in range(rounds):
+        rest = members & ~carriers
+        if rest.sum() < 2:
+            break
+        more, q = enriched_tokens(incidence, rest, config.alpha, config.min_token_share, population=~carriers)
+        if not len(more):
+            break
+        grown, kept = trigger_carriers(incidence[:, more], members, x, found=carriers)
+        if not len(kept) or (grown == carriers).all():
+            break
+        carriers, cols, p = grown, np.concatenate([cols, more[kept]]), np.concatenate([p, q[kept]])
+    return carriers, cols, p
 
 
 def trim(core: np.ndarray, nn: np.ndarray, min_inside: int, rounds: int = 30) -> np.ndarray:
@@ -451,6 +480,7 @@ def _candidate(name, members, incidence, vocab, x, nn, entropy, config) -> Optio
             return None
         carriers, kept = trigger_carriers(incidence[:, cols], members, x)
         cols, p = cols[kept], p[kept]
+        carriers, cols, p = _more_triggers(incidence, members, carriers, cols, p, x, config)
         core = members & carriers
         if core.sum() < config.min_core or (~core).sum() < 2:
             return None
