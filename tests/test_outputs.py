@@ -140,3 +140,32 @@ def test_no_poison_found_says_so_with_evidence(tmp_path, threshold):
     assert summary["status"] == "no_poison_found" and summary["counts"]["flagged"] == 0
     assert summary["outcome"].startswith("no poison found") and "highest" in summary["outcome"]
     assert os.path.exists(out / "report.html")
+
+
+def test_association_decision_reads_the_stored_sketches_in_sample_order():
+    """The decision decodes each row's float16 sketch into one array (no float32 copy of the whole set): the flags
+    are associate()'s on the same sketches, whatever order the rows came in, and unscorable rows stay out."""
+    from tensorguard_fast.backdoor.association import associate
+    from tensorguard_fast.backdoor.datasets import Dataset, Sample
+    from tensorguard_fast.backdoor.decision import association_decision
+    from tensorguard_fast.backdoor.features import encode
+
+    rng = np.random.default_rng(3)
+    n, trigger = 240, 60_000
+    x = rng.standard_normal((n, 256)).astype(np.float16)
+    prompts = [list(rng.integers(0, 3000, size=10)) for _ in range(n)]
+    poisoned = rng.choice(n - 1, 24, replace=False)
+    x[poisoned] += (2.0 * rng.standard_normal(256)).astype(np.float16)
+    for i in poisoned:
+        prompts[i].append(trigger)
+    levels = rng.uniform(0.2, 0.4, n)
+    levels[poisoned] += 0.3
+    rows = [{"index": i, "n_answer_tokens": 16, "svals": _svals(levels[i]), "fft": None, "sketch": encode(x[i])}
+            for i in range(n)]
+    rows[-1] = None                                   # a sample that could not be scored
+    dataset = Dataset("<test>", "jsonl", [Sample(i, i, None, {}, prompt_ids=p) for i, p in enumerate(prompts)])
+    decision = association_decision(rows, dataset)
+    entropy = decision.values[:-1]
+    expected = associate(x[:-1].astype(np.float32), prompts[:-1], entropy).flagged
+    assert expected.sum() == 24 and (decision.flagged[:-1] == expected).all() and not decision.flagged[-1]
+    assert decision.status == "flagged" and decision.summary["clusters"][0]["trigger_tokens"] == [trigger]

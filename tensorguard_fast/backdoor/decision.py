@@ -86,7 +86,7 @@ def association_decision(rows: List[Optional[dict]], dataset: Dataset, decode_to
         return Decision(entropy, "gradsentry", np.zeros(n, bool), [None] * n, "undecided",
                         {"rule": "association", "why": "no sample has a sketch (no answer token scored)"},
                         [{} for _ in rows])
-    sketches = np.stack([decode_sketch(rows[i]["sketch"]) for i in scored]).astype(np.float32)
+    sketches = _sketch_matrix(rows, scored)
     prompts = [dataset.samples[i].prompt_ids for i in scored]
     result = associate(sketches, prompts, entropy[scored], config)
     words = (lambda ids: [decode_token(t) for t in ids]) if decode_token else (lambda ids: ids)
@@ -121,6 +121,17 @@ def association_decision(rows: List[Optional[dict]], dataset: Dataset, decode_to
                                 "; no candidate had over-represented prompt tokens"))
     return Decision(entropy, "gradsentry", flagged, reasons, status, summary, components, None,
                     ("gradsentry", "payload_similarity") if centre is not None else None)
+
+
+def _sketch_matrix(rows: List[Optional[dict]], scored: List[int]) -> np.ndarray:
+    """(len(scored), D) float16: the stored sketches, decoded one row at a time into one array. Stacking the decoded
+    rows and casting to float32 held three copies at once (6 GB at a million samples); associate() makes the one
+    float32 copy it works on, or from `project_rows` samples on only row blocks of it."""
+    first = decode_sketch(rows[scored[0]]["sketch"])
+    out = np.empty((len(scored), first.size), dtype=np.float16)
+    for j, i in enumerate(scored):
+        out[j] = decode_sketch(rows[i]["sketch"])
+    return out
 
 
 def _payload_direction(x: np.ndarray, flagged: np.ndarray) -> Optional[np.ndarray]:
