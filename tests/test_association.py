@@ -262,6 +262,37 @@ def test_a_trigger_word_split_by_the_tokenizer_is_found_once_the_others_are_set_
     assert sorted(result.accepted[0].tokens) == words + pieces
 
 
+@pytest.mark.parametrize("seed", [30, 31])
+def test_a_loose_payload_sample_joins_through_its_wider_neighbourhood(seed):
+    """Three poisoned answers carry little of the payload (a URL that differs per sample) and each has four clean
+    answer-mates nearer than any other poisoned answer: none of the 5 nearest in the core, so the 5-neighbour join
+    misses them; among the 10 nearest, 6 are in a core of 5% where chance puts 0.5, and they join."""
+    x, prompts, entropy, truth = _set(n=400, poisoned=20, seed=seed)
+    payload = x[truth].mean(0) - x[~truth].mean(0)
+    rng = np.random.default_rng(seed)
+    loose, mates = np.where(truth)[0][:3], np.where(~truth)[0][:12].reshape(3, 4)
+    for i, own in zip(loose, mates):
+        base = x[i] - payload
+        x[i] = base + 0.3 * payload
+        x[own] = base + 0.5 * rng.standard_normal((4, DIM)).astype(np.float32) * np.linalg.norm(base) / DIM ** 0.5
+    narrow = associate(x, prompts, entropy, AssociationConfig(wide_neighbours=0)).flagged
+    assert not narrow[loose].any() and (narrow == truth & ~np.isin(np.arange(400), loose)).all()
+    assert (associate(x, prompts, entropy).flagged == truth).all()
+
+
+def test_the_wider_join_is_a_binomial_tail_at_the_core_share():
+    from tensorguard_fast.backdoor.association import _beyond_chance
+
+    core = np.zeros(400, bool)
+    core[:20] = True                                   # 5%: P(>= 3 of 10) = 0.0115, P(>= 4 of 10) = 0.0010
+    wide = np.array([[0, 1, 2] + list(range(100, 107)), [0, 1, 2, 3] + list(range(100, 106))])
+    assert _beyond_chance(core, wide, AssociationConfig()).tolist() == [False, True]
+    core[:200] = True                                  # 50%: 8 of 10 (0.055) is chance, 10 of 10 (0.001) is not
+    wide = np.array([list(range(8)) + [300, 301], list(range(10))])
+    assert _beyond_chance(core, wide, AssociationConfig()).tolist() == [False, True]
+    assert not _beyond_chance(core, None, AssociationConfig()).any()
+
+
 def test_a_poisoned_majority_with_a_trigger_that_varies_is_found():
     """90% poisoned, each with one of four trigger words, beside a clean minority: the majority owns the top
     direction, each word is significant only under Tarone's count, and the closure must not let the clean

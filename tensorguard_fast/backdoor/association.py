@@ -29,7 +29,8 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    own finding); both at least their floor and their sum at least `min_evidence` (a question type whose answers
    share a format, as "top 5" questions go with lists, reaches either figure alone but not both).
 5. An accepted group flags its core members and the carriers of its trigger tokens that have at least `min_inside`
-   of their nearest neighbours in the core. Overlapping groups are one cluster (the purest is kept).
+   of their nearest neighbours in the core, or more of their `wide_neighbours` nearest in it than chance at
+   `wide_level` (a loose cluster, one URL per sample). Overlapping groups are one cluster (the purest is kept).
    When no direction yields an accepted group, groups seeded from the prompt side are tried the same way: the
    carriers of each token whose carriers are each other's nearest answer-side neighbours far more often than
    chance (a group of 1% owns no principal direction), or whose non-carriers are (the clean rest of a poisoned
@@ -72,6 +73,8 @@ class AssociationConfig:
     min_inside: int = 2        # of a sample's `neighbours` nearest, how many must be in the core to join it
     min_core_neighbours: int = 1  # a core member with fewer of its nearest neighbours in the core leaves it
     min_core: int = 3
+    wide_neighbours: int = 10  # a trigger carrier also joins when its core members among this many nearest ...
+    wide_level: float = 0.01   # ... are more than chance at this level (binomial tail at the core's share of the set)
     tails: tuple = (2.0, 3.0)  # robust z (median / MAD) beyond which a projection tail is a candidate group
     centres: tuple = ("median", "none")  # views of the sketches (CENTRES), the next tried when one accepts nothing
     # Large sets, far beyond the tuning sets (400-1,000 samples); results below `covariance_rows` are unchanged. From
@@ -375,13 +378,27 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
             break
     flagged, group_of = np.zeros(n, bool), np.full(n, -1)
     inside_any = np.zeros(n, dtype=np.int64)
+    wide = nearest_neighbours(x, config.wide_neighbours) if accepted and config.wide_neighbours else None
     for gi, g in enumerate(accepted):
         inside = g.core[nn].sum(1)
-        joined = (g.core | g.carriers) & (inside >= config.min_inside)
+        joined = (g.core | g.carriers) & ((inside >= config.min_inside) | _beyond_chance(g.core, wide, config))
         group_of[joined & ~flagged] = gi
         flagged |= joined
         inside_any = np.maximum(inside_any, inside)
     return AssociationResult(flagged, group_of, inside_any, accepted, candidates, x)
+
+
+def _beyond_chance(core: np.ndarray, wide: Optional[np.ndarray], config: AssociationConfig) -> np.ndarray:
+    """bool (N,): more of the sample's `wide_neighbours` nearest in the core than chance would put there, at
+    `wide_level` (binomial tail at the core's share). A payload that differs per sample (one URL each) makes a loose
+    cluster: a poisoned sample's 5 nearest are often other short answers, but among its 10 nearest 3 or 4 are in a
+    core of 5%, where chance puts 0.5."""
+    from scipy.stats import binom
+
+    if wide is None or not wide.shape[1]:
+        return np.zeros(len(core), bool)
+    count = core[wide].sum(1)
+    return binom.sf(count - 1, wide.shape[1], core.mean()) <= config.wide_level
 
 
 def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[Group], covariance: bool) -> List[Group]:
