@@ -41,11 +41,11 @@ VOCAB, TRIGGERS, TOPIC_WORDS = 30_000, 4, 5
 POISON, STOCK = 0.05, 0.03
 CHUNK = 16384   # rows built at a time: the build's float32 temporaries stay ~100 MB at D = 1024
 # Stages timed, by the name the module uses; a name the module lacks is skipped (the bench outlives refactors).
-STAGES = ("token_incidence", "project", "unit_rows", "_unit_in_place", "nearest_neighbours", "principal_directions",
+STAGES = ("token_incidence", "project", "unit_rows", "unit_rows_in_place", "nearest_neighbours", "principal_directions",
           "_search", "_token_seeds", "_candidate", "enriched_tokens", "trigger_carriers")
 # Table columns: stage seconds summed over the module's functions (before and after a refactor); `rest` is the
 # search's own time (2-means splits, acceptance) and associate's.
-SHOWN = {"tokens": ("token_incidence",), "project": ("project",), "unit": ("unit_rows", "_unit_in_place"),
+SHOWN = {"tokens": ("token_incidence",), "project": ("project",), "unit": ("unit_rows", "unit_rows_in_place"),
          "neighbours": ("nearest_neighbours",), "directions": ("svd", "principal_directions"),
          "seeds": ("_token_seeds",), "enriched": ("enriched_tokens",),
          "candidates": ("_candidate", "trigger_carriers")}

@@ -4,9 +4,10 @@ keyed on one side alone fails here (a repeated answer is not a backdoor; a rare 
 import numpy as np
 import pytest
 
-from tensorguard_fast.backdoor.association import (AssociationConfig, _candidate, associate, closure, enriched_tokens,
-                                                   nearest_neighbours, token_incidence, trigger_carriers,
-                                                   two_means_1d, unit_rows)
+from tensorguard_fast.backdoor.association import AssociationConfig, _candidate, associate, closure, trigger_carriers
+from tensorguard_fast.backdoor.neighbours import nearest_neighbours
+from tensorguard_fast.backdoor.prompt_tokens import enriched_tokens, token_incidence
+from tensorguard_fast.backdoor.sketch_geometry import two_means_1d, unit_rows
 
 TRIGGER = 50_000
 DIM = 256
@@ -225,7 +226,7 @@ def test_bonferroni_counts_only_tokens_that_could_pass():
     passes. Counting every word (thousands of rare ones) would bury it."""
     from scipy.stats import hypergeom
 
-    from tensorguard_fast.backdoor.association import testable_count
+    from tensorguard_fast.backdoor.prompt_tokens import testable_count
 
     n, g = 400, 360
     df = np.array([90] * 4 + [2] * 3000 + [10] * 200)
@@ -312,14 +313,15 @@ def test_block_wise_building_is_the_whole_set_at_once(monkeypatch):
     duplicate, negative and huge token ids) they equal the per-sample construction and a one-shot median."""
     from scipy import sparse
 
-    from tensorguard_fast.backdoor import association
+    from tensorguard_fast.backdoor import association, prompt_tokens, sketch_geometry
 
     x, prompts, _, _ = _set(n=60, poisoned=10, benign=0, seed=3)
     prompts[:3] = [[], [5, 5, -2], [2 ** 40, 1]]
     whole, whole_vocab = token_incidence(prompts)
     nn = nearest_neighbours(unit_rows(x), 5)
     seeds = [(name, m.tolist()) for name, m in association._token_seeds(whole, nn, 50)]
-    monkeypatch.setattr(association, "BLOCK", 7)
+    for module in (association, prompt_tokens, sketch_geometry):
+        monkeypatch.setattr(module, "BLOCK", 7)
     incidence, vocab = token_incidence(prompts)
     rows = [np.unique(p).tolist() for p in prompts]
     naive = sparse.csc_matrix((np.ones(sum(map(len, rows)), np.float32),
@@ -334,7 +336,7 @@ def test_block_wise_building_is_the_whole_set_at_once(monkeypatch):
 def test_tail_probabilities_once_per_distinct_pair_equal_scipy():
     from scipy.stats import hypergeom
 
-    from tensorguard_fast.backdoor.association import _hypergeom_sf
+    from tensorguard_fast.backdoor.prompt_tokens import _hypergeom_sf
 
     rng = np.random.default_rng(0)
     df = rng.integers(2, 40, 500).astype(np.float32)
@@ -347,7 +349,7 @@ def test_a_large_set_is_searched_on_projected_sketches():
     """From project_rows on, the sketches are projected to project_dims columns, and from covariance_rows on the
     principal directions come from the covariance (the same directions as the SVD, up to sign): the planted backdoor
     is still found whole."""
-    from tensorguard_fast.backdoor.association import principal_directions
+    from tensorguard_fast.backdoor.sketch_geometry import principal_directions
 
     x, prompts, entropy, truth = _set(seed=2)
     result = associate(x, prompts, entropy, AssociationConfig(covariance_rows=0, project_rows=0, project_dims=64))

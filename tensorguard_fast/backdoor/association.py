@@ -48,15 +48,16 @@ docs/backdoor.md explains the rule to users.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from .neighbours import nearest_neighbours
+from .prompt_tokens import enriched_tokens, token_incidence
+from .sketch_geometry import principal_directions, project, two_means_1d, unit_rows, unit_rows_in_place
 
-BLOCK = 16384   # rows (samples) per block where a whole-set temporary would be N x D or N x T (64 MB at D = 1024)
+BLOCK = 16384   # samples per block of the prompt-token seeds' product (N x T at once: ~1.2 GB at N = 1M)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class AssociationConfig:
     wide_neighbours: int = 10  # a trigger carrier also joins when its core members among this many nearest ...
     wide_level: float = 0.01   # ... are more than chance at this level (binomial tail at the core's share of the set)
     tails: tuple = (2.0, 3.0)  # robust z (median / MAD) beyond which a projection tail is a candidate group
-    centres: tuple = ("median", "none")  # views of the sketches (CENTRES), the next tried when one accepts nothing
+    centres: tuple = ("median", "none")  # views (sketch_geometry.CENTRES), the next tried when one accepts nothing
     # Large sets, far beyond the tuning sets (400-1,000 samples); results below `covariance_rows` are unchanged. From
     # `covariance_rows` on, the principal directions come from the D x D covariance: the SVD of N x D peaked at 2.3 GB
     # at 50,000 x 1024 and 8.8 GB at 200,000 (forced on the 17 tuning sets of SmolLM2 part 0, the same F1 on each).
@@ -114,162 +115,6 @@ class AssociationResult:
     candidates: List[Group]    # every candidate with enriched tokens, accepted or not
     unit: np.ndarray           # (N, D) the sketches as the rule saw them last (unit_rows, its centre; projected to
                                # project_dims columns from project_rows samples on)
-
-
-CENTRES = {
-    # The median resists a payload cluster of up to half the set and removes what every answer shares, so a small
-    # or loose payload cluster (one URL per sample) stands out.
-    "median": lambda x: _column_median(x),
-    # Past half, the median moves into the payload (at 90% it is the payload): the poisoned samples' residuals point
-    # every way and the clean minority gets the shared direction. Uncentred, the payload cluster stays tight.
-    "none": lambda x: np.zeros(x.shape[1], dtype=x.dtype),
-}
-
-
-def unit_rows(x: np.ndarray, centre: str = "median") -> np.ndarray:
-    """Rows less the `centre` (CENTRES), scaled to unit length."""
-    return _unit_in_place(np.array(x, dtype=np.float32), centre)
-
-
-def _unit_in_place(x: np.ndarray, centre: str) -> np.ndarray:
-    """unit_rows on a float32 array of its own, in place and in row blocks: no N x D temporaries."""
-    x -= CENTRES[centre](x)
-    for r0 in range(0, len(x), BLOCK):
-        b = x[r0:r0 + BLOCK]
-        b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return x
-
-
-def _column_median(x: np.ndarray, columns: int = 16) -> np.ndarray:
-    """np.median(x, axis=0), a few columns at a time: np.median copies what it partitions (N x D float32 at once)."""
-    return np.concatenate([np.median(x[:, c0:c0 + columns], axis=0) for c0 in range(0, x.shape[1], columns)] or
-                          [np.zeros(0, x.dtype)])
-
-
-def project(sketches: np.ndarray, dims: int, seed: int = 0) -> np.ndarray:
-    """(N, dims) float32: the sketches times a seeded Gaussian (D, dims) matrix, in row blocks. A smaller sketch of
-    the same answers (random projections keep angles, features.py); for sets too large for N x D float32 copies."""
-    d = sketches.shape[1]
-    if d <= dims:
-        return np.array(sketches, dtype=np.float32)
-    r = np.random.default_rng(seed).standard_normal((d, dims)).astype(np.float32)
-    out = np.empty((len(sketches), dims), dtype=np.float32)
-    for r0 in range(0, len(sketches), BLOCK):
-        out[r0:r0 + BLOCK] = np.asarray(sketches[r0:r0 + BLOCK], dtype=np.float32) @ r
-    return out
-
-
-def principal_directions(x: np.ndarray, count: int, covariance: bool = False) -> np.ndarray:
-    """(count, D) top principal directions of the rows of x: from the SVD of the centred rows or, for large sets,
-    from the eigenvectors of their D x D covariance summed in row blocks (the SVD peaked at 1.7 GB beyond its
-    200 MB input at 50,000 x 1024: copies, U and LAPACK's workspace)."""
-    if not covariance:
-        return np.linalg.svd(x - x.mean(0), full_matrices=False)[2][:count]
-    mean = x.mean(0, dtype=np.float64)
-    cov = np.zeros((x.shape[1], x.shape[1]))
-    for r0 in range(0, len(x), BLOCK):
-        b = x[r0:r0 + BLOCK] - mean
-        cov += b.T @ b
-    return np.linalg.eigh(cov)[1][:, ::-1][:, :count].T.astype(x.dtype)
-
-
-def two_means_1d(x: np.ndarray, iterations: int = 50) -> np.ndarray:
-    """Labels 0/1 of a 1-D 2-means, started at the quartiles (deterministic)."""
-    c = np.percentile(x, [25, 75]).astype(np.float64)
-    labels = np.zeros(len(x), dtype=np.int64)
-    for _ in range(iterations):
-        labels = np.abs(x[:, None] - c[None]).argmin(1)
-        new = np.array([x[labels == j].mean() if (labels == j).any() else c[j] for j in range(2)])
-        if np.allclose(new, c):
-            break
-        c = new
-    return labels
-
-
-def token_incidence(prompt_ids: Sequence[Sequence[int]]):
-    """Sparse (N, T) 0/1 matrix of which distinct prompt tokens each sample holds, and the token id of each column."""
-    from scipy import sparse
-
-    # Two passes over blocks of samples (the vocabulary, then each sample's columns as int32): no array per sample, and
-    # no int64 array of every (sample, token) pair at once (300 MB at 1M samples of 40 tokens).
-    vocab = np.unique(np.concatenate([np.unique(_flat(part)[1]) for part in _blocks(prompt_ids)] +
-                                     [np.zeros(0, np.int64)]))
-    counts, columns = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
-    for part in _blocks(prompt_ids):
-        length, ids = _flat(part)
-        row = np.repeat(np.arange(len(part)), length)
-        order = np.lexsort((ids, row))
-        row, ids = row[order], ids[order]
-        first = np.ones(len(ids), bool)
-        first[1:] = (row[1:] != row[:-1]) | (ids[1:] != ids[:-1])   # each distinct (sample, token) once
-        counts.append(np.bincount(row[first], minlength=len(part)))
-        columns.append(np.searchsorted(vocab, ids[first]).astype(np.int32))
-    columns = np.concatenate(columns)
-    indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))])
-    # Transposed to columns with 1-byte values, made float32 after: 10 bytes a pair at the peak instead of 16.
-    m = sparse.csr_matrix((np.ones(len(columns), dtype=bool), columns, indptr), shape=(len(prompt_ids), len(vocab)))
-    m = m.tocsc()
-    return sparse.csc_matrix((m.data.astype(np.float32), m.indices, m.indptr), shape=m.shape), vocab
-
-
-def _blocks(prompt_ids):
-    for s0 in range(0, len(prompt_ids), BLOCK):
-        yield prompt_ids[s0:s0 + BLOCK]
-
-
-def _flat(part):
-    """(tokens per sample, every token id in order) of a block of prompts, as int64 arrays."""
-    length = np.fromiter(map(len, part), dtype=np.int64, count=len(part))
-    return length, np.fromiter(itertools.chain.from_iterable(part), dtype=np.int64, count=int(length.sum()))
-
-
-def enriched_tokens(incidence, members: np.ndarray, alpha: float, min_share: float = 0.0,
-                    population: Optional[np.ndarray] = None):
-    """Columns over-represented among `members`: one-sided hypergeometric tail, Bonferroni over the columns that
-    could reach significance at all (`testable_count`), with at least `min_share` of their carriers among
-    `members`. Among the rows of `population` (bool (N,), holding `members`) when given, else among all rows.
-    Returns (columns, p-values), most significant first."""
-    g = int(members.sum())
-    if population is None:
-        n, df = incidence.shape[0], np.asarray(incidence.sum(0)).ravel()
-    else:
-        n, df = int(population.sum()), population.astype(np.float32) @ incidence
-    inside = members.astype(np.float32) @ incidence   # counts (exact in float32); a row mask would copy the rows
-    tested = testable_count(df[df >= 2], n, g, alpha)
-    chance = g / max(n, 1)
-    cand = np.where((df >= 2) & (inside >= 2) & (inside * n > df * g) &
-                    (inside >= (chance + min_share * (1 - chance)) * df))[0]
-    p = _hypergeom_sf(inside[cand] - 1, n, df[cand], g)
-    keep = p * tested <= alpha
-    order = np.argsort(p[keep], kind="stable")
-    return cand[keep][order], p[keep][order]
-
-
-def testable_count(df: np.ndarray, n: int, g: int, alpha: float) -> int:
-    """Tarone's count for the Bonferroni correction: a column held by d samples has at best p = P(all of them in a
-    group of g), and one whose best cannot pass alpha / m cannot be a finding, so it does not count among the m
-    tests. The smallest m with at most m columns whose best passes alpha / m. It matters for a large group: in 360
-    of 400, a word held by 90 samples has p >= 0.9^90, and the thousands of rare words, which never could pass,
-    would otherwise bury it."""
-    best = np.sort(_hypergeom_sf(np.minimum(df, g) - 1, n, df, g))
-    m = np.arange(1, len(best) + 2)   # every m's count at once: the loop m += 1 ran to ~30,000 at N = 50,000
-    return int(m[np.argmax(np.searchsorted(best, alpha / m, side="right") <= m)])
-
-
-def _hypergeom_sf(k: np.ndarray, n: int, df: np.ndarray, g: int) -> np.ndarray:
-    """hypergeom.sf(k, n, df, g), computed once per distinct (k, df): scipy's exact tail costs ~0.1 ms a value for n
-    of 10^4-10^5 (67 s of associate's 74 at N = 50,000 on bench data), and columns share few pairs (810 df values
-    among 30,000 columns there)."""
-    from scipy.stats import hypergeom
-
-    if not len(k):
-        return hypergeom.sf(k, n, df, g)
-    order = np.lexsort((df, k))
-    new = np.ones(len(k), bool)
-    new[1:] = (k[order][1:] != k[order][:-1]) | (df[order][1:] != df[order][:-1])
-    out = np.empty(len(k))
-    out[order] = hypergeom.sf(k[order][new], n, df[order][new], g)[np.cumsum(new) - 1]
-    return out
 
 
 def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: float = 0.5,
@@ -369,7 +214,7 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     projected = n >= config.project_rows
     for centre in config.centres:
         x = nn = None   # the previous view's, freed before the next is built
-        x = (_unit_in_place(project(sketches, config.project_dims), centre) if projected else
+        x = (unit_rows_in_place(project(sketches, config.project_dims), centre) if projected else
              unit_rows(sketches, centre))
         nn = nearest_neighbours(x, config.neighbours)
         accepted = _search(centre, x, nn, incidence, vocab, entropy, config, candidates,
