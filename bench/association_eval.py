@@ -3,13 +3,15 @@ pairs poisoned by six attacks, with two clean controls in every set: 15% long-an
 payload's length) and 15% benign repetition (one stock closing line on many clean answers, a group larger than the
 poisoned one).
 
-    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 13         # the held-out half (the report)
-    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 2          # held-out, looked at while developing
-    PYTHONPATH=. python bench/association_eval.py --part 0 --seed 1          # the half the defaults were chosen on
+    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 17         # the held-out half (the report)
+    PYTHONPATH=. python bench/association_eval.py --models gemma3-270m --seed 17
     PYTHONPATH=. python bench/association_eval.py --seed 17 --no-chat-template   # prompts as the raw questions
+    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 13         # held-out, looked at while developing
+    PYTHONPATH=. python bench/association_eval.py --part 0 --seed 1          # the half the defaults were chosen on
 
-Seeds 7 and 11 were the report of the rule before its uncentred view (results of commit df90c91 in
-bench/results/association_eval_smollm2_part1_seed{7,11}.json); seed 13 was first run on the rule as it is.
+Seed 17 is the report of the rule as it is (docs/backdoor.md says what was run when). Earlier reports, kept as
+they were: seeds 7 and 11 of the rule before its uncentred view (commit df90c91), seed 13 of the rule before the
+second trigger test and the wider join (commit d61e021; seed 13 was then used for development).
 
 fanoutqa's pairs are split by index parity: part 0 (even) was used to choose AssociationConfig's defaults, part 1
 (odd) is reported. Prompts use the model's chat template when its tokenizer has one (scan's default; the bundled

@@ -308,6 +308,23 @@ def test_a_poisoned_majority_with_a_trigger_that_varies_is_found():
     assert sorted(result.accepted[0].tokens) == words
 
 
+def test_a_topic_inside_a_poisoned_majority_does_not_hide_the_payload():
+    """90% poisoned, and 15 of the poisoned answers also share a topic (another direction, a prompt word of their
+    own). The median-centred view finds only the topic group; the uncentred view finds the payload. Both views are
+    searched and their flags joined (a cascade that stopped at the first view's group flagged 15 of 360), and the
+    cluster is reported once, as its larger core shows it."""
+    x, prompts, entropy, truth = _set(n=400, poisoned=360, benign=20, seed=9)
+    topic = np.where(truth)[0][:15]
+    x[topic] += 3.0 * np.random.default_rng(9).standard_normal(DIM).astype(np.float32)
+    for i in topic:
+        prompts[i].append(TRIGGER + 77)
+        entropy[i] += 0.3
+    assert associate(x, prompts, entropy, AssociationConfig(centres=("median",))).flagged.sum() == 15
+    result = associate(x, prompts, entropy)
+    assert (result.flagged == truth).all()
+    assert len(result.accepted) == 1 and result.accepted[0].core.sum() == 360 and (result.group[truth] == 0).all()
+
+
 def test_block_wise_building_is_the_whole_set_at_once(monkeypatch):
     """token_incidence, unit_rows and the token seeds work in row blocks for memory: with blocks of 7 rows (and
     duplicate, negative and huge token ids) they equal the per-sample construction and a one-shot median."""

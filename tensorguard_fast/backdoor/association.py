@@ -34,8 +34,10 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    When no direction yields an accepted group, groups seeded from the prompt side are tried the same way: the
    carriers of each token whose carriers are each other's nearest answer-side neighbours far more often than
    chance (a group of 1% owns no principal direction), or whose non-carriers are (the clean rest of a poisoned
-   majority). Still none: the same search on the uncentred sketches (`centres`: past half the set, the median is
-   the payload). Still none: "no poison found", with the strongest candidate's figures as evidence.
+   majority). The same search then runs on the uncentred sketches (`centres`: past half the set, the median is
+   the payload), and the flags are those of every view's accepted groups: a view that finds a wrong small group
+   (a topic among a poisoned majority) must not hide the one that finds the payload. None in any view: "no poison
+   found", with the strongest candidate's figures as evidence.
 
 For large sets, far beyond the tuning sets, the principal directions come from the sketches' covariance
 (`covariance_rows`) and, larger still, the sketches are first projected to fewer columns (`project_rows`: a smaller
@@ -77,7 +79,7 @@ class AssociationConfig:
     wide_neighbours: int = 10  # a trigger carrier also joins when its core members among this many nearest ...
     wide_level: float = 0.01   # ... are more than chance at this level (binomial tail at the core's share of the set)
     tails: tuple = (2.0, 3.0)  # robust z (median / MAD) beyond which a projection tail is a candidate group
-    centres: tuple = ("median", "none")  # views (sketch_geometry.CENTRES), the next tried when one accepts nothing
+    centres: tuple = ("median", "none")  # views (sketch_geometry.CENTRES), each searched; flags are their union
     # Large sets, far beyond the tuning sets (400-1,000 samples); results below `covariance_rows` are unchanged. From
     # `covariance_rows` on, the principal directions come from the D x D covariance: the SVD of N x D peaked at 2.3 GB
     # at 50,000 x 1024 and 8.8 GB at 200,000 (forced on the 17 tuning sets of SmolLM2 part 0, the same F1 on each).
@@ -211,26 +213,34 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
         return AssociationResult(np.zeros(n, bool), np.full(n, -1), np.zeros(n, dtype=np.int64), [], [], x)
     incidence, vocab = token_incidence(prompt_ids)
     candidates: List[Group] = []
+    accepted: List[Group] = []
     projected = n >= config.project_rows
+    flagged, group_of = np.zeros(n, bool), np.full(n, -1)
+    inside_any = np.zeros(n, dtype=np.int64)
+    unit = None
     for centre in config.centres:
         x = nn = None   # the previous view's, freed before the next is built
         x = (unit_rows_in_place(project(sketches, config.project_dims), centre) if projected else
              unit_rows(sketches, centre))
         nn = nearest_neighbours(x, config.neighbours)
-        accepted = _search(centre, x, nn, incidence, vocab, entropy, config, candidates,
-                           covariance=n >= config.covariance_rows)
-        if accepted:
-            break
-    flagged, group_of = np.zeros(n, bool), np.full(n, -1)
-    inside_any = np.zeros(n, dtype=np.int64)
-    wide = nearest_neighbours(x, config.wide_neighbours) if accepted and config.wide_neighbours else None
-    for gi, g in enumerate(accepted):
-        inside = g.core[nn].sum(1)
-        joined = (g.core | g.carriers) & ((inside >= config.min_inside) | _beyond_chance(g.core, wide, config))
-        group_of[joined & ~flagged] = gi
-        flagged |= joined
-        inside_any = np.maximum(inside_any, inside)
-    return AssociationResult(flagged, group_of, inside_any, accepted, candidates, x)
+        found = _search(centre, x, nn, incidence, vocab, entropy, config, candidates,
+                        covariance=n >= config.covariance_rows)
+        wide = nearest_neighbours(x, config.wide_neighbours) if found and config.wide_neighbours else None
+        for g in found:
+            inside = g.core[nn].sum(1)
+            joined = (g.core | g.carriers) & ((inside >= config.min_inside) | _beyond_chance(g.core, wide, config))
+            same = next((i for i, a in enumerate(accepted) if _overlap(a.core, g.core)), None)
+            if same is None:
+                same = len(accepted)
+                accepted.append(g)
+            elif g.core.sum() > accepted[same].core.sum():
+                accepted[same] = g   # one cluster seen in both views: reported as the larger core shows it
+            group_of[joined & ~flagged] = same
+            flagged |= joined
+            inside_any = np.maximum(inside_any, inside)
+        if found and unit is None:
+            unit = x   # the view the flags were first found in: the outputs' payload direction is taken in it
+    return AssociationResult(flagged, group_of, inside_any, accepted, candidates, x if unit is None else unit)
 
 
 def _beyond_chance(core: np.ndarray, wide: Optional[np.ndarray], config: AssociationConfig) -> np.ndarray:
@@ -277,10 +287,15 @@ def _accept(candidates: List[Group], config: AssociationConfig) -> List[Group]:
         if (g.purity < config.min_purity or g.entropy_lift < config.min_entropy_lift or
                 g.purity + g.entropy_lift < config.min_evidence):
             continue
-        if any((g.core & a.core).sum() >= 0.5 * min(g.core.sum(), a.core.sum()) for a in accepted):
+        if any(_overlap(g.core, a.core) for a in accepted):
             continue   # the same cluster seen along another direction
         accepted.append(g)
     return accepted
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two cores are one cluster: they share at least half of the smaller."""
+    return bool((a & b).sum() >= 0.5 * min(a.sum(), b.sum()))
 
 
 def _token_seeds(incidence, nn: np.ndarray, most: int):
