@@ -217,11 +217,15 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     projected = n >= config.project_rows
     flagged, group_of = np.zeros(n, bool), np.full(n, -1)
     inside_any = np.zeros(n, dtype=np.int64)
-    unit = None
+    first = None   # the view the flags were first found in: the outputs' payload direction is taken in it
+
+    def view(centre):
+        return (unit_rows_in_place(project(sketches, config.project_dims), centre) if projected else
+                unit_rows(sketches, centre))
+
     for centre in config.centres:
         x = nn = None   # the previous view's, freed before the next is built
-        x = (unit_rows_in_place(project(sketches, config.project_dims), centre) if projected else
-             unit_rows(sketches, centre))
+        x = view(centre)
         nn = nearest_neighbours(x, config.neighbours)
         found = _search(centre, x, nn, incidence, vocab, entropy, config, candidates,
                         covariance=n >= config.covariance_rows)
@@ -238,9 +242,11 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
             group_of[joined & ~flagged] = same
             flagged |= joined
             inside_any = np.maximum(inside_any, inside)
-        if found and unit is None:
-            unit = x   # the view the flags were first found in: the outputs' payload direction is taken in it
-    return AssociationResult(flagged, group_of, inside_any, accepted, candidates, x if unit is None else unit)
+        first = first or (centre if found else None)
+    if first not in (None, centre):
+        x = nn = None   # rebuilt rather than kept: two views at once would double the rule's largest array
+        x = view(first)
+    return AssociationResult(flagged, group_of, inside_any, accepted, candidates, x)
 
 
 def _beyond_chance(core: np.ndarray, wide: Optional[np.ndarray], config: AssociationConfig) -> np.ndarray:
