@@ -74,7 +74,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2")
     ap.add_argument("--part", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--seed", type=int, default=17)
     ap.add_argument("--cache", default=None, help="directory for the per-model sample caches")
     ap.add_argument("--grid", default=None, help="attack:ratio:n,... (default: the full grid)")
     ap.add_argument("--no-chat-template", action="store_true",

@@ -169,3 +169,6 @@ def test_association_decision_reads_the_stored_sketches_in_sample_order():
     expected = associate(x[:-1].astype(np.float32), prompts[:-1], entropy).flagged
     assert expected.sum() == 24 and (decision.flagged[:-1] == expected).all() and not decision.flagged[-1]
     assert decision.status == "flagged" and decision.summary["clusters"][0]["trigger_tokens"] == [trigger]
+    rows[5]["sketch"] = encode(x[5, :128])             # a part from a scan with other sketch settings
+    with pytest.raises(ValueError, match="sample 5's stored sketch has 128 values where sample 0's has 256"):
+        association_decision(rows, dataset)

@@ -130,7 +130,12 @@ def _sketch_matrix(rows: List[Optional[dict]], scored: List[int]) -> np.ndarray:
     first = decode_sketch(rows[scored[0]]["sketch"])
     out = np.empty((len(scored), first.size), dtype=np.float16)
     for j, i in enumerate(scored):
-        out[j] = decode_sketch(rows[i]["sketch"])
+        row = decode_sketch(rows[i]["sketch"])
+        if row.size != first.size:
+            raise ValueError(f"sample {i}'s stored sketch has {row.size} values where sample {scored[0]}'s has "
+                             f"{first.size}: the part files come from scans with different sketch settings; "
+                             "delete the output directory's parts/ and scan again")
+        out[j] = row
     return out
 
 
