@@ -185,7 +185,15 @@ def one(n: int, d: int, prompts: str, directions: int) -> dict:
             "precision": round(precision, 4), "recall": round(recall, 4), "flagged": int(f.sum()),
             "poisoned": int(poisoned.sum()), "accepted": [g.figures()["group"] for g in result.accepted],
             "candidates": len(result.candidates), "build_s": round(build_s, 1),
-            "association_py": hashlib.sha1(Path(A.__file__).read_bytes()).hexdigest()[:12]}  # which rule ran
+            "rule_sources": _rule_digest(A)}   # which rule ran (older results: "association_py", one file)
+
+
+def _rule_digest(module) -> str:
+    """sha1 of the rule's modules together: since the split, association.py alone no longer names the rule."""
+    digest = hashlib.sha1()
+    for name in ("association.py", "prompt_tokens.py", "sketch_geometry.py", "neighbours.py"):
+        digest.update((Path(module.__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 COLUMNS = ("n", "seconds", *SHOWN, "rest", "input_mb", "peak_mb", "peak_stage", "f1")

@@ -30,7 +30,8 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    share a format, as "top 5" questions go with lists, reaches either figure alone but not both).
 5. An accepted group flags its core members and the carriers of its trigger tokens that have at least `min_inside`
    of their nearest neighbours in the core, or more of their `wide_neighbours` nearest in it than chance at
-   `wide_level` (a loose cluster, one URL per sample). Overlapping groups are one cluster (the purest is kept).
+   `wide_level` (a loose cluster, one URL per sample). Overlapping groups are one cluster (within a view the
+   purest is kept; across views, the larger core).
    When no direction yields an accepted group, groups seeded from the prompt side are tried the same way: the
    carriers of each token whose carriers are each other's nearest answer-side neighbours far more often than
    chance (a group of 1% owns no principal direction), or whose non-carriers are (the clean rest of a poisoned
