@@ -34,12 +34,14 @@ def machine_info() -> dict:
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
-    from tensorguard_fast import __version__
+    from tensorguard_fast import __version__, _backend
 
+    cpp = _backend.cpp()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "cpp_isa": cpp.isa() if cpp is not None else None,   # the C++ kernels' vector width: the same "cpu" can differ
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "moments.h"
+#include "moments_avx2.h"
 #include "moments_avx512.h"
 
 namespace tgf {
@@ -107,6 +108,17 @@ Sums chunk_sums(const void* data, int64_t begin, int64_t len, double c) {
     if (!ok) ok = chunk_f64<DT>(data, begin, len, c, a);
     if (!ok) a = chunk_exact<DT>(data, begin, len, c);
     return {a.c, a.s1, a.s2, a.s3, a.s4, a.l1, a.bad, a.mn, a.mx};
+  }
+#endif
+#ifdef TGF_HAVE_AVX2_F32_PATH
+  if constexpr (DT == BF16 || DT == F16) {
+    if (isa == ISA_AVX2) {   // the same float32 blocks and retry as on AVX-512; else the portable float64 loop
+      ChunkSums a;
+      double retry = 0;
+      bool ok = chunk_f32acc_avx2<DT>(data, begin, len, c, a, retry);
+      if (!ok && std::isfinite(retry)) ok = chunk_f32acc_avx2<DT>(data, begin, len, retry, a, retry);
+      if (ok) return {a.c, a.s1, a.s2, a.s3, a.s4, a.l1, a.bad, a.mn, a.mx};
+    }
   }
 #endif
   return isa == ISA_DEFAULT ? chunk_portable_default<DT>(data, begin, len, c)

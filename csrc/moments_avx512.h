@@ -22,15 +22,11 @@
 #include <limits>
 
 #include "common.h"
+#include "moments_blocks.h"
 
 #define TGF_HAVE_AVX512_PATH 1
 
 namespace tgf {
-
-struct ChunkSums {
-  double c;  // the shift actually used: rounded to float, so the blend of a non-finite lane is exact
-  double s1, s2, s3, s4, l1, bad, mn, mx;
-};
 
 template <int DT>
 TGF_TARGET_AVX512 TGF_ALWAYS_INLINE __m512 load16(const void* p, int64_t i) {
@@ -217,17 +213,7 @@ TGF_TARGET_AVX512 bool chunk_f32acc(const void* data, int64_t begin, int64_t len
   out.bad = 0;
   out.mn = _mm512_reduce_min_ps(acc.mn);
   out.mx = _mm512_reduce_max_ps(acc.mx);
-  retry_shift = std::numeric_limits<double>::quiet_NaN();
-  // a non-finite input makes l1 (and s4) non-finite; NaN fails every comparison below as well
-  if (!(std::isfinite(out.l1) && std::isfinite(out.s4) && out.mn <= out.mx)) return false;
-  const double dmax = std::max(out.mx - out.c, out.c - out.mn);
-  if (dmax > 0x1p28 || (dmax > 0 && dmax < 0x1p-28)) return false;
-  const double n = static_cast<double>(len), a = out.s1 / n, m2 = out.s2 - out.s1 * a;
-  if (a * a * n > 0.25 * m2) {  // |chunk mean - c| > std / 2 (or no spread at all around a far shift)
-    retry_shift = out.c + a;
-    return false;
-  }
-  return true;
+  return f32_blocks_vouch(out, len, retry_shift);
 }
 
 }  // namespace tgf

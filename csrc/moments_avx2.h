@@ -1,0 +1,128 @@
+// AVX2 twin of chunk_f32acc (moments_avx512.h) for bf16 / fp16 inputs on CPUs without AVX-512: power sums of
+// d = x - c in float32 blocks, added into float64 totals, with the same refusals (the caller then retries about the
+// chunk mean, or falls back to the portable float64 loop). Two sets of 8 lanes per 16 values, flushed every kFlush2
+// steps, so each lane sums at most 8 terms in float32 before a flush, as on AVX-512: the error bound derived in
+// tests/test_moments.py holds unchanged. Without it, a bf16 chunk went through the portable float64 loop, 7-11x one
+// torch.sum on the 2-core AVX2 machine (4 float64 lanes, and a conversion per element).
+#pragma once
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common.h"
+#include "moments_blocks.h"
+
+#define TGF_HAVE_AVX2_F32_PATH 1
+
+namespace tgf {
+
+constexpr int kFlush2 = 8;  // 16-value steps per float32 block: each of the 2 x 8 lanes sums at most 8 terms
+
+// 8 values at i as float32 (DT 1: bf16, 2: fp16).
+template <int DT>
+TGF_TARGET_AVX2 TGF_ALWAYS_INLINE __m256 load8(const void* p, int64_t i) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+  if constexpr (DT == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+TGF_TARGET_AVX2 TGF_ALWAYS_INLINE __m256d widen_sum(__m256 f) {  // the 8 floats as 4 doubles, pairs added
+  return _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(f)), _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+}
+
+TGF_TARGET_AVX2 TGF_ALWAYS_INLINE double hsum(__m256d v) {
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+struct Avx2AccF32 {
+  __m256 f1, f2, f3, f4, fl, mn, mx, cf, sign;
+  __m256d d1, d2, d3, d4, dl;
+
+  TGF_TARGET_AVX2 explicit Avx2AccF32(float c) {
+    cf = _mm256_set1_ps(c);
+    sign = _mm256_set1_ps(-0.0f);
+    f1 = f2 = f3 = f4 = fl = _mm256_setzero_ps();
+    d1 = d2 = d3 = d4 = dl = _mm256_setzero_pd();
+    mn = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  }
+
+  TGF_TARGET_AVX2 TGF_ALWAYS_INLINE void step(__m256 x) {
+    mn = _mm256_min_ps(mn, x);
+    mx = _mm256_max_ps(mx, x);
+    fl = _mm256_add_ps(fl, _mm256_andnot_ps(sign, x));
+    const __m256 d = _mm256_sub_ps(x, cf);
+    const __m256 d2 = _mm256_mul_ps(d, d);
+    f1 = _mm256_add_ps(f1, d);
+    f2 = _mm256_add_ps(f2, d2);
+    f3 = _mm256_fmadd_ps(d2, d, f3);
+    f4 = _mm256_fmadd_ps(d2, d2, f4);
+  }
+
+  TGF_TARGET_AVX2 TGF_ALWAYS_INLINE static void flush1(__m256& f, __m256d& d) {
+    d = _mm256_add_pd(d, widen_sum(f));
+    f = _mm256_setzero_ps();
+  }
+
+  TGF_TARGET_AVX2 TGF_ALWAYS_INLINE void flush() {
+    flush1(f1, d1);
+    flush1(f2, d2);
+    flush1(f3, d3);
+    flush1(f4, d4);
+    flush1(fl, dl);
+  }
+};
+
+// false when the chunk must be rerun; `retry_shift` as for chunk_f32acc (moments_avx512.h)
+template <int DT>
+TGF_TARGET_AVX2 bool chunk_f32acc_avx2(const void* data, int64_t begin, int64_t len, double c, ChunkSums& out,
+                                       double& retry_shift) {
+  const float cf = static_cast<float>(c);
+  Avx2AccF32 a(cf), b(cf);   // two independent sets: the fma chains of one set alone would bound the loop
+  int64_t i = 0;
+  while (i + 16 <= len) {
+    const int64_t stop = std::min<int64_t>(len - 15, i + 16 * kFlush2);
+    for (; i < stop; i += 16) {
+      a.step(load8<DT>(data, begin + i));
+      b.step(load8<DT>(data, begin + i + 8));
+    }
+    a.flush();
+    b.flush();
+  }
+  int64_t pad = 0;
+  if (i < len) {   // the last < 16 values, padded with the shift (adds 0 to s1..s4, |c| to l1: taken back below)
+    alignas(32) float tail[16];
+    const int64_t rem = len - i;
+    for (int k = 0; k < 16; ++k) tail[k] = cf;
+    for (int64_t k = 0; k < rem; ++k) {
+      const uint16_t h = static_cast<const uint16_t*>(data)[begin + i + k];
+      tail[k] = DT == 1 ? bf16_to_float(h) : f16_to_float(h);
+    }
+    a.step(_mm256_load_ps(tail));
+    b.step(_mm256_load_ps(tail + 8));
+    a.flush();
+    b.flush();
+    pad = 16 - rem;
+  }
+  out.c = cf;
+  out.s1 = hsum(_mm256_add_pd(a.d1, b.d1));
+  out.s2 = hsum(_mm256_add_pd(a.d2, b.d2));
+  out.s3 = hsum(_mm256_add_pd(a.d3, b.d3));
+  out.s4 = hsum(_mm256_add_pd(a.d4, b.d4));
+  out.l1 = hsum(_mm256_add_pd(a.dl, b.dl)) - static_cast<double>(pad) * std::fabs(static_cast<double>(cf));
+  out.bad = 0;
+  alignas(32) float lo[8], hi[8];
+  _mm256_store_ps(lo, _mm256_min_ps(a.mn, b.mn));
+  _mm256_store_ps(hi, _mm256_max_ps(a.mx, b.mx));
+  out.mn = *std::min_element(lo, lo + 8);
+  out.mx = *std::max_element(hi, hi + 8);
+  return f32_blocks_vouch(out, len, retry_shift);
+}
+
+}  // namespace tgf
+#endif
