@@ -120,6 +120,11 @@ Sums chunk_sums(const void* data, int64_t begin, int64_t len, double c) {
       if (ok) return {a.c, a.s1, a.s2, a.s3, a.s4, a.l1, a.bad, a.mn, a.mx};
     }
   }
+  if constexpr (DT == F32) {
+    ChunkSums a;
+    if (isa == ISA_AVX2 && chunk_f64_avx2(static_cast<const float*>(data), begin, len, c, a))
+      return {a.c, a.s1, a.s2, a.s3, a.s4, a.l1, a.bad, a.mn, a.mx};
+  }
 #endif
   return isa == ISA_DEFAULT ? chunk_portable_default<DT>(data, begin, len, c)
                             : chunk_portable_avx2<DT>(data, begin, len, c);
