@@ -31,8 +31,8 @@ inline float f16_to_float(uint16_t h) {
 }
 
 // Instruction sets of the vectorised loops. Every kernel with a vectorised path is compiled once per level and picks
-// the widest one the CPU has at run time; TGF_NO_AVX512=1 caps the choice at AVX2 (the portable loops), in every
-// kernel, so the two paths can be compared on one machine.
+// the widest one the CPU has at run time; TGF_NO_AVX512=1 caps the choice at AVX2 (moments' AVX2 bodies, the
+// portable loops elsewhere), in every kernel, so the two paths can be compared on one machine.
 enum Isa : int { ISA_DEFAULT = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
 #if defined(__x86_64__) && defined(__GNUC__)

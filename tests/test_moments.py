@@ -9,8 +9,8 @@ Tolerances, derived:
 - bf16/fp16 inputs are judged against the reference on the same (upcast) values: low precision enters only through
   the input, which both paths read identically.
 - C++ bf16/fp16 on AVX-512 and on AVX2 accumulate power sums of d = x - c in float32 (u = 2^-24), at most 8 terms
-  per lane before each float64 flush, in chunks whose mean lies within half a chunk std of c (else the chunk is redone about its
-  mean, or in float64). First-order bounds per chunk, from the term roundings (d: u, d^2: 3u, d^3 in an fma: 4u,
+  per lane before each float64 flush, in chunks whose mean lies within half a chunk std of c (else the chunk is
+  redone about its mean, or in float64). First-order bounds per chunk, from the term roundings (d: u, d^2: 3u, d^3 in an fma: 4u,
   d^4: 6u) plus recursive summation of 8 terms (7u), relative to the sums of |terms|:
       l1: 7u;  s1: 8u sum|d|;  s2: 10u sum d^2;  s3: 11u sum|d|^3;  s4: 13u sum d^4.
   With n a^2 <= m2 / 4 (a = chunk mean - c): sum d^2 <= 1.25 m2, and m2 = s2 - s1 a errs by <= 10u * 1.25 m2
@@ -201,7 +201,7 @@ def test_cpp_float32_blocks_fall_back_where_they_cannot_vouch(case, dtype):
     assert_close(got, want, **cpp_tol(dtype))
 
 
-def test_no_avx512_switch_selects_the_portable_loops_in_every_kernel():
+def test_no_avx512_switch_selects_the_avx2_loops_in_every_kernel():
     """TGF_NO_AVX512=1 caps every vectorised kernel at AVX2 (csrc/common.h: isa_level); the results agree with the
     float64 reference within the float32-block bound for bf16 (the AVX2 twin of the blocks, moments_avx2.h: at most
     8 terms per lane, as on AVX-512, so the same bound)."""
