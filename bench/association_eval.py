@@ -17,7 +17,8 @@ fanoutqa's pairs are split by index parity: part 0 (even) was used to choose Ass
 (odd) is reported. Prompts use the model's chat template when its tokenizer has one (scan's default; the bundled
 Gemma-3 has none, so its prompts are the raw questions). Every sample goes through scan's own
 path (score_batch: spectrum + sketch); each distinct sample is scored once and cached (--cache).
-Output: bench/results/association_eval_<model>_part<P>_seed<S>[_raw].json and a table (_raw: --no-chat-template).
+Output: bench/results/association_eval_<model>_part<P>_seed<S>[_raw][_<tag>].json and a table (_raw:
+--no-chat-template; --tag names a --grid run kept beside the full grid's file).
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def main(argv=None):
     ap.add_argument("--grid", default=None, help="attack:ratio:n,... (default: the full grid)")
     ap.add_argument("--no-chat-template", action="store_true",
                     help="prompts as the raw questions (scan --no-chat-template), not in the model's chat template")
+    ap.add_argument("--tag", default="", help="appended to the output name (a --grid run beside the report's file)")
     args = ap.parse_args(argv)
     grid = GRID if not args.grid else [(a, float(r), int(n)) for a, r, n in
                                        (item.split(":") for item in args.grid.split(","))]
@@ -103,7 +105,8 @@ def main(argv=None):
                   f"{g['F1']:.3f} / {g['FPR']:.3f} / {g.get('flagged_long_clean', 0):.2f} / "
                   f"{g.get('flagged_benign_repeat', 0):.2f}", flush=True)
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                           f"association_eval_{name}_part{args.part}_seed{args.seed}{suffix}.json")
+                           f"association_eval_{name}_part{args.part}_seed{args.seed}{suffix}"
+                           f"{'_' + args.tag if args.tag else ''}.json")
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from _common import machine_info
 
