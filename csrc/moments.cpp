@@ -12,6 +12,7 @@
 #include "common.h"
 #include "moments.h"
 #include "moments_avx2.h"
+#include "moments_blocks.h"
 #include "moments_avx512.h"
 
 namespace tgf {
@@ -50,13 +51,12 @@ inline double load(const void* p, int64_t i) {
   return 0.0;
 }
 
-// Power sums of one chunk about a shift c (portable loop; the AVX-512 twin is in moments_avx512.h).
+// Power sums of one chunk about a shift c (portable loop; the vectorised twins are in moments_avx512.h and
+// moments_avx2.h, and every body returns the same ChunkSums, moments_blocks.h).
 // A non-finite x is replaced by the shift c: it then adds exactly 0 to s1..s4, |c| to l1 (taken back below) and
 // cannot move min/max (c lies inside the range already merged, or inside this chunk's finite values). One blend
 // per element instead of a mask on every accumulator keeps the loop in registers.
-struct Sums {
-  double c, s1, s2, s3, s4, l1, bad, mn, mx;
-};
+using Sums = ChunkSums;
 
 template <int DT>
 TGF_ALWAYS_INLINE Sums chunk_portable_body(const void* data, int64_t begin, int64_t len, double c) {
@@ -99,31 +99,33 @@ Sums chunk_sums(const void* data, int64_t begin, int64_t len, double c) {
     ChunkSums a;
     bool ok = false;
     if constexpr (DT == BF16 || DT == F16) {
-      // float32 blocks (docs/methods.md: error <= ~13 u of the sums of |terms|, u = 2^-24), at most one retry
-      // about the chunk mean; otherwise float64
-      double retry = 0;
-      ok = chunk_f32acc<DT>(data, begin, len, c, a, retry);
-      if (!ok && std::isfinite(retry)) ok = chunk_f32acc<DT>(data, begin, len, retry, a, retry);
+      // float32 blocks (docs/methods.md: error <= ~13 u of the sums of |terms|, u = 2^-24); otherwise float64
+      ok = f32_blocks_with_retry(
+          [&](double shift, ChunkSums& out, double& retry) {
+            return chunk_f32acc<DT>(data, begin, len, shift, out, retry);
+          },
+          c, a);
     }
     if (!ok) ok = chunk_f64<DT>(data, begin, len, c, a);
     if (!ok) a = chunk_exact<DT>(data, begin, len, c);
-    return {a.c, a.s1, a.s2, a.s3, a.s4, a.l1, a.bad, a.mn, a.mx};
+    return a;
   }
 #endif
 #ifdef TGF_HAVE_AVX2_F32_PATH
   if constexpr (DT == BF16 || DT == F16) {
     if (isa == ISA_AVX2) {   // the same float32 blocks and retry as on AVX-512; else the portable float64 loop
       ChunkSums a;
-      double retry = 0;
-      bool ok = chunk_f32acc_avx2<DT>(data, begin, len, c, a, retry);
-      if (!ok && std::isfinite(retry)) ok = chunk_f32acc_avx2<DT>(data, begin, len, retry, a, retry);
-      if (ok) return {a.c, a.s1, a.s2, a.s3, a.s4, a.l1, a.bad, a.mn, a.mx};
+      if (f32_blocks_with_retry(
+              [&](double shift, ChunkSums& out, double& retry) {
+                return chunk_f32acc_avx2<DT>(data, begin, len, shift, out, retry);
+              },
+              c, a))
+        return a;
     }
   }
   if constexpr (DT == F32) {
     ChunkSums a;
-    if (isa == ISA_AVX2 && chunk_f64_avx2(static_cast<const float*>(data), begin, len, c, a))
-      return {a.c, a.s1, a.s2, a.s3, a.s4, a.l1, a.bad, a.mn, a.mx};
+    if (isa == ISA_AVX2 && chunk_f64_avx2(static_cast<const float*>(data), begin, len, c, a)) return a;
   }
 #endif
   return isa == ISA_DEFAULT ? chunk_portable_default<DT>(data, begin, len, c)

@@ -1,8 +1,9 @@
-// What the vectorised chunk bodies of moments return, and the checks under which a chunk summed in float32 blocks
-// can be trusted (moments_avx512.h, moments_avx2.h; the error bound is derived in tests/test_moments.py).
+// What every chunk body of moments returns, and the checks (and the one retry) under which a chunk summed in
+// float32 blocks can be trusted (moments_avx512.h, moments_avx2.h; the error bound: tests/test_moments.py).
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 namespace tgf {
@@ -28,6 +29,15 @@ inline bool f32_blocks_vouch(const ChunkSums& out, int64_t len, double& retry_sh
     return false;
   }
   return true;
+}
+
+// One chunk in float32 blocks about `c`, then once more about the chunk's own mean when the first try says that can
+// succeed; false when neither try vouches. `body(shift, out, retry_shift)` is a chunk body (AVX-512 or AVX2).
+template <typename Body>
+inline bool f32_blocks_with_retry(Body body, double c, ChunkSums& out) {
+  double retry = 0;
+  if (body(c, out, retry)) return true;
+  return std::isfinite(retry) && body(retry, out, retry);
 }
 
 }  // namespace tgf
