@@ -3,7 +3,9 @@
 Families (identical shapes within a config): SmolLM2-135M-Instruct, two random inits of its config, Gemma-3-270M,
 one random init of its config. Derivatives of each base: full fine-tune and LoRA fine-tune on fanoutqa text (the
 LoRA one read back from its PEFT adapter directory, merged on load), int8 and 4-bit round trips, 20%/50% magnitude
-pruning, 1e-3 relative noise, extended vocabulary (+1000 rows), and a 50/50 merge of the two fine-tuned siblings.
+pruning, 1e-3 relative noise, extended vocabulary (+1000 rows), and a 50/50 merge of the two fine-tuned siblings;
+the five function-preserving obfuscations (zoo.OBFUSCATIONS, each checked on logits first), on a fine-tune; and the
+long fine-tunes built with --train-long, each with its merge and obfuscations.
 
 Fine-tuning budget on a shared 2-core CPU (one training step of SmolLM2 took ~30 s of wall time there): --ft-steps
 (default 8; Gemma families --gemma-steps, default 4) steps of batch 2 x 48 tokens, AdamW lr 2e-4 (full, every
@@ -38,8 +40,11 @@ FAMILIES = {"smollm2": ("smollm2", None), "smollm2-rand1": ("smollm2", 1), "smol
 CHEAP = ("int4", "prune50", "extvocab")  # (int8, 20% pruning and 1e-3 noise: cheap_variant still makes them)
 # run name -> (profile, seed). The invariant profile's design (QUERIES/KEYS, centring, blocks) was settled on the
 # tiny random models of the tests and quick SmolLM2 checks, all with anchor seed 0; the figures reported here use
-# anchor seed 1, a draw of anchor tokens never looked at while developing it.
-RUNS = {"tensorguard": ("tensorguard", 0), "full": ("full", 0), "invariant": ("invariant", 1)}
+# anchor seed 1, a draw of anchor tokens never looked at while developing it. Seed 2 was added when the open-set
+# radius moved to the one measured against unrelated models (bench/lineage_null.py), after seed 1's figures had been
+# seen: it is the check on anchors that played no part in any choice.
+RUNS = {"tensorguard": ("tensorguard", 0), "full": ("full", 0), "invariant": ("invariant", 1),
+        "invariant-s2": ("invariant", 2)}
 PROFILES = tuple(RUNS)
 
 
@@ -188,9 +193,16 @@ def _read_checks() -> dict:
     return json.loads(_check_log().read_text()) if _check_log().exists() else {}
 
 
-def long_dir(family: str, steps: int, lr: float):
-    d = zoo_dir() / family / f"ftlong{steps}_lr{lr:g}"
-    return d if (d / "model.safetensors").exists() else None
+def long_dirs(family: str, steps: int, lr: float):
+    """[(variant prefix, directory)] of the family's long fine-tunes on disk: the one at `lr` is "ft-long", any
+    other step size "ft-long-lr<lr>" (a random init trained at 1e-3 is largely relearned; a smaller step moves it
+    as far as a pretrained model moves at 1e-3)."""
+    found = []
+    for d in sorted((zoo_dir() / family).glob(f"ftlong{steps}_lr*")):
+        if (d / "model.safetensors").exists():
+            other = d.name.split("_lr", 1)[1]
+            found.append(("ft-long" if other == f"{lr:g}" else f"ft-long-lr{other}", d))
+    return sorted(found, key=lambda x: x[0] != "ft-long")
 
 
 def _load_dir(d):
@@ -232,12 +244,13 @@ def build(families, steps: int, log=print, trained=True, gemma_steps: int = 4, l
                 b = open_model(lora_dir)
                 return zoo.merge({k: a.get(k).float() for k in a.keys()}, {k: b.get(k).float() for k in b.keys()})
             items.append(("merge-ft+lora", merged))
-            ld = long_dir(family, long_steps, long_lr)
-            if ld is not None:
-                items.append(("ft-long", lambda d=ld: d))
-                items.append(("merge-long+ft", lambda a=ld, b=ft_dir: zoo.merge(_load_dir(a), _load_dir(b))))
-                obf_sources.append(("ft-long+", _load_dir(ld), None))
-            else:
+            longs = long_dirs(family, long_steps, long_lr)
+            for name, ld in longs:
+                items.append((name, lambda d=ld: d))
+                items.append((name.replace("ft-long", "merge-long") + "+ft",
+                              lambda a=ld, b=ft_dir: zoo.merge(_load_dir(a), _load_dir(b))))
+                obf_sources.append((f"{name}+", _load_dir(ld), None))
+            if not longs:
                 obf_sources.append(("ft+", _load_dir(ft_dir), None))
             obf_sources[0] = ("", state, ["obf-all"])
         for prefix, src, only in obf_sources:
@@ -319,7 +332,8 @@ def distance_table(fps_by_key, families):
             if len(families) > 1 else (float("nan"), "")
         row = {"family": family, "variant": variant, "d_own_base": own, "d_nearest_other": other[0],
                "nearest_other": other[1], "sim_own_base": similarity(fp, fps_by_key[(family, "base")])}
-        parents = {"merge-ft+lora": ("finetune", "lora"), "merge-long+ft": ("ft-long", "finetune")}.get(variant, ())
+        parents = ("finetune", "lora") if variant == "merge-ft+lora" else \
+            (variant.replace("merge-long", "ft-long")[:-3], "finetune") if variant.startswith("merge-long") else ()
         for parent in parents:
             row[f"d_parent_{parent}"] = distance(fp, fps_by_key[(family, parent)])
         if parents:
@@ -335,8 +349,8 @@ def main(argv=None):
     ap.add_argument("--gemma-steps", type=int, default=4)
     ap.add_argument("--long-steps", type=int, default=150)
     ap.add_argument("--long-lr", type=float, default=1e-3)
-    ap.add_argument("--train-long", default=None, metavar="FAMILIES",
-                    help="comma list: build the long fine-tunes of these families (cached) before evaluating")
+    ap.add_argument("--train-long", default=None, metavar="FAMILY[:LR],...",
+                    help="build these long fine-tunes (cached) before evaluating; LR defaults to --long-lr")
     ap.add_argument("--no-train", action="store_true", help="skip the fine-tuned variants")
     ap.add_argument("--train-families", default=None,
                     help="comma list: only these families get fine-tuned variants (default: all)")
@@ -344,16 +358,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     families = args.families.split(",")
-    for family in (args.train_long.split(",") if args.train_long else []):
+    for item in (args.train_long.split(",") if args.train_long else []):
+        family, _, lr = item.partition(":")
         state, cfg = base_state(family)
-        long_finetune(family, state, cfg, args.long_steps, args.long_lr)
+        long_finetune(family, state, cfg, args.long_steps, float(lr) if lr else args.long_lr)
     trained = set(args.train_families.split(",")) if args.train_families else True
     fps, checks = build(families, args.ft_steps, trained=False if args.no_train else trained,
                         gemma_steps=args.gemma_steps, long_steps=args.long_steps, long_lr=args.long_lr)
     changes = {}
     for family in families:
         for f in sorted((zoo_dir() / family).glob("ft*.change.json")) + \
-                sorted((zoo_dir() / family).glob(f"ftlong{args.long_steps}_lr{args.long_lr:g}/change.json")):
+                sorted((zoo_dir() / family).glob(f"ftlong{args.long_steps}_lr*/change.json")):
             changes[f"{family}/{f.parent.name if f.name == 'change.json' else f.stem.split('.')[0]}"] = \
                 json.loads(f.read_text())
     report = {"families": families, "ft_steps": args.ft_steps, "gemma_steps": args.gemma_steps,

@@ -66,6 +66,39 @@ def test_single_base_uses_population_outlier_rule():
     assert all(p.known for p in preds[:-1]) and not preds[-1].known
 
 
+def _at(centre, d, rng):
+    """A point at RMS distance exactly d from `centre` (the profiles' distance), in a random direction."""
+    step = rng.normal(size=centre.size)
+    return centre + d * step / np.sqrt(np.mean(step ** 2))
+
+
+@pytest.mark.parametrize("method", ["nearest", "kmeans"])
+def test_invariant_open_set_radius_is_the_measured_one(method):
+    """The invariant profile's radius is measured against unrelated models (profiles.py), so it does not shrink
+    when two bases are related: with bases 0.5 apart, the half-distance rule (the full profile's) would call a
+    model 0.9 from its base unknown; the invariant profile keeps it, and calls one beyond 1.2 unknown. With one
+    base the same radius holds (no population outlier rule)."""
+    from tensorguard_fast.lineage import profiles
+
+    radius = profiles.get("invariant").open_set_radius
+    assert radius == profiles.get("invariant").same_family_threshold   # classify and compare agree
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=512)
+    y = _at(x, 0.5, rng)
+    models = [_at(x, 0.9, rng), _at(x, radius + 0.1, rng)]
+    for profile, expect in (("invariant", [True, False]), ("full", [False, False])):
+        bases = {"x": _fp(x, "x", profile), "y": _fp(y, "y", profile)}
+        preds = FamilyClassifier(bases, method=method).fit_predict([_fp(m, f"m{i}", profile)
+                                                                    for i, m in enumerate(models)])
+        assert [p.known for p in preds] == expect, profile
+        assert all(p.nearest == "x" for p in preds if p.known)
+    clf = FamilyClassifier({"x": _fp(x, "x", "invariant")}, method=method)
+    preds = clf.fit_predict([_fp(m, f"m{i}", "invariant") for i, m in enumerate(models)])
+    assert clf.threshold_used == radius and [p.known for p in preds] == [True, False]
+    forced = FamilyClassifier({"x": _fp(x, "x", "invariant")}, method=method, threshold=0.5)
+    assert not any(p.known for p in forced.fit_predict([_fp(models[0], "m0", "invariant")]))
+
+
 @pytest.fixture(scope="module")
 def small_zoo(smollm2_dir):
     """{profile: {(family, variant): Fingerprint}} for SmolLM2 and two random inits of its config."""

@@ -8,14 +8,17 @@ distance(a, b) and similarity(a, b) are the profile's own (profiles.py):
   on; the classifier standardises on the population exactly as TensorGuard does. similarity = 1 / (1 + distance).
 same_family(a, b): the pairwise verdict of `compare`, where the profile has a scale-free radius (None otherwise).
 
-FamilyClassifier, open set: a model is "unknown" when it is farther from its assigned base than half the smallest
-distance between two bases, both in the profile's own distance (also for kmeans, which assigns in a space
-standardised over the population given: a radius there would move with whoever else is being classified). Why
-half: a member of a family should be closer to its base than to the midpoint towards any other base; a model beyond
-that radius is as far from its family as the families are from each other, so calling it a member is a guess. With
-a single base there is no base-to-base distance; then the radius is max(median + 3 MADs, 2 x median) of the
-nearest-base distances of the population (an outlier rule; it assumes most models given are derivatives).
-`threshold=` overrides both.
+FamilyClassifier, open set: a model is "unknown" when it is farther from its assigned base than the open-set radius,
+in the profile's own distance (also for kmeans, which assigns in a space standardised over the population given: a
+radius there would move with whoever else is being classified). The radius:
+- the profile's `open_set_radius` where it has one (invariant: 1.2, measured against models that are not related,
+  bench/lineage_null.py): "unknown" then means "no closer than unrelated models come", and does not depend on how
+  far apart the bases happen to be;
+- else half the smallest distance between two bases: a member of a family should be closer to its base than to the
+  midpoint towards any other base;
+- else (one base, no measured radius) max(median + 3 MADs, 2 x median) of the nearest-base distances of the
+  population (an outlier rule; it assumes most models given are derivatives).
+`threshold=` overrides them all.
 """
 from __future__ import annotations
 
@@ -148,6 +151,9 @@ class FamilyClassifier:
     def _calibrate(self, base_d: np.ndarray, dists: np.ndarray) -> float:
         if self.threshold is not None:
             return float(self.threshold)
+        measured = profiles.get(next(iter(self.bases.values())).profile).open_set_radius
+        if measured is not None:
+            return float(measured)
         if len(base_d) > 1:
             off = base_d[~np.eye(len(base_d), dtype=bool)]
             return float(0.5 * off.min())

@@ -61,6 +61,9 @@ class Profile:
     similarity: Callable[[np.ndarray, np.ndarray], float]
     # pairwise "same family" radius for `compare` (None: the profile has no scale-free verdict)
     same_family_threshold: Optional[float]
+    # FamilyClassifier's open-set radius where it was measured against unrelated models (None: half the smallest
+    # base-to-base distance, or with one base an outlier rule: family.py)
+    open_set_radius: Optional[float] = None
     excluded: Tuple[str, ...] = ()   # feature names left out of distances and clustering
     summary: str = ""
 
@@ -68,9 +71,16 @@ class Profile:
 # Unit-RMS blocks: unrelated models sit at distance ~ sqrt(2) (independent blocks), derivatives in the zoo well
 # below; half of sqrt(2) is the midpoint (bench/results/lineage_eval.json has the measured distances).
 _UNIT_BLOCK_MIDPOINT = 0.7
+# The invariant profile's radius is set against models that are NOT related (bench/lineage_null.py): independently
+# trained models anchored at the same token strings sit at 1.33-1.39 (they share the language: the vocabulary blocks
+# come closer), and random layers under a base's own embedding at 1.29-1.33 (sqrt(2 x 6/7) = 1.31 when the two
+# vocabulary blocks of seven are identical). 1.2 stays >= 7 standard deviations of either below their minimum; a
+# derivative is anything closer, however far training has moved it.
+_INVARIANT_RELATED_RADIUS = 1.2
 
 PROFILES: Dict[str, Profile] = {
-    "invariant": Profile("invariant", _features_invariant, _rms_distance, _cosine, _UNIT_BLOCK_MIDPOINT,
+    "invariant": Profile("invariant", _features_invariant, _rms_distance, _cosine, _INVARIANT_RELATED_RADIUS,
+                         open_set_radius=_INVARIANT_RELATED_RADIUS,
                          summary="vocabulary-anchored, invariant to function-preserving permutations/rescaling"),
     "full": Profile("full", _features_full, _rms_distance, _cosine, _UNIT_BLOCK_MIDPOINT,
                     summary="probe sketches at fixed coordinates (not permutation-invariant)"),
