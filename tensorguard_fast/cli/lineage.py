@@ -218,7 +218,9 @@ def register(subparsers) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL_OR_FP")
     p.add_argument("--method", choices=("kmeans", "nearest"), default="kmeans")
     p.add_argument("--closed-set", action="store_true", help="never answer 'unknown'")
-    p.add_argument("--threshold", type=float, default=None, help="open-set radius (default: calibrated)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="open-set radius (default: the profile's measured one, else half the smallest base-to-base "
+                        "distance)")
     p.add_argument("--json", metavar="FILE", nargs="?", const="-",
                    help="print the predictions as JSON instead of the table; --json FILE: also write them to FILE")
     _common(p)

@@ -73,9 +73,9 @@ class Profile:
 _UNIT_BLOCK_MIDPOINT = 0.7
 # The invariant profile's radius is set against models that are NOT related (bench/lineage_null.py): independently
 # trained models anchored at the same token strings sit at 1.33-1.39 (they share the language: the vocabulary blocks
-# come closer), and random layers under a base's own embedding at 1.29-1.33 (sqrt(2 x 6/7) = 1.31 when the two
-# vocabulary blocks of seven are identical). 1.2 stays >= 7 standard deviations of either below their minimum; a
-# derivative is anything closer, however far training has moved it.
+# come closer), and random layers under a base's own embedding at 1.28-1.34 (sqrt(2 x 6/7) = 1.31 when the two
+# vocabulary blocks of seven are identical). 1.2 is 6.7 and 4.1 of their standard deviations below their minimums;
+# a derivative is anything closer, however far training has moved it.
 _INVARIANT_RELATED_RADIUS = 1.2
 
 PROFILES: Dict[str, Profile] = {
