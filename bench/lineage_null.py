@@ -31,9 +31,6 @@ from tensorguard_fast.lineage import profile_invariant, profiles  # noqa: E402
 from tensorguard_fast.lineage.family import distance  # noqa: E402
 from tensorguard_fast.lineage.fingerprint import fast_fingerprint  # noqa: E402
 
-BLOCK_PREFIXES = ("embed", "attn_qk", "attn_vo", "mlp", "lm_head")
-
-
 def shared_tokens(dir_a: Path, dir_b: Path) -> np.ndarray:
     """(n, 2) token ids of words (letters only, >= 2 of them) that decode to the same string as one token in both
     vocabularies, A's id below 32768 as the profile's own anchors are."""
@@ -66,8 +63,8 @@ def anchored_at(ids_by_salt: dict):
 def per_block(a, b) -> dict:
     va, vb = np.asarray(a.vector), np.asarray(b.vector)
     out = {}
-    for blk in BLOCK_PREFIXES:
-        m = np.array([n.startswith(blk) for n in a.names])
+    for blk in profile_invariant.BLOCKS:   # feature names are "<block>.<...>"
+        m = np.array([n.split(".", 1)[0] == blk for n in a.names])
         out[blk] = float(np.sqrt(np.mean((va[m] - vb[m]) ** 2)))
     return out
 
@@ -115,7 +112,7 @@ def main(argv=None):
         summary[kind] = {"n": len(v), "min": float(v.min()), "mean": float(v.mean()), "max": float(v.max()),
                          "sd": float(v.std(ddof=1)),
                          "radius_below_min_in_sd": float((v.min() - radius) / v.std(ddof=1))}
-    blocks = {b: float(np.mean([d[b] for d in blocks_same])) for b in BLOCK_PREFIXES}
+    blocks = {b: float(np.mean([d[b] for d in blocks_same])) for b in profile_invariant.BLOCKS}
     from _common import machine_info  # bench/_common.py
 
     report = {"benchmark": "lineage_null", "machine": machine_info(), "radius": radius, "shared_tokens": len(pairs),

@@ -116,8 +116,7 @@ class FamilyClassifier:
             labels = self._kmeans(fingerprints)
         else:
             labels = dists.argmin(axis=1) if len(fingerprints) else np.zeros(0, dtype=int)
-        base_d = self._base_distances()
-        self.threshold_used = self._calibrate(base_d, dists)
+        self.threshold_used = self._calibrate(dists)
         out = []
         for i, fp in enumerate(fingerprints):
             k = int(labels[i])
@@ -148,12 +147,13 @@ class FamilyClassifier:
         names = list(self.bases)
         return np.array([[distance(self.bases[a], self.bases[b]) for b in names] for a in names])
 
-    def _calibrate(self, base_d: np.ndarray, dists: np.ndarray) -> float:
+    def _calibrate(self, dists: np.ndarray) -> float:
         if self.threshold is not None:
             return float(self.threshold)
         measured = profiles.get(next(iter(self.bases.values())).profile).open_set_radius
         if measured is not None:
             return float(measured)
+        base_d = self._base_distances()   # only the half-distance rule needs them
         if len(base_d) > 1:
             off = base_d[~np.eye(len(base_d), dtype=bool)]
             return float(0.5 * off.min())
