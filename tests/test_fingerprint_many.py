@@ -42,6 +42,9 @@ def test_two_workers_failures_and_skips(tmp_path):
 
 def test_cli_list_file_and_torchrun_ranks(tmp_path):
     reg = _registry(tmp_path)
+    # m2 (rank 1's only new model) is made slow, so rank 0 (the broken file, then a skip) fails long before it ends.
+    shutil.rmtree(reg / "m2")
+    save_tiny(reg / "m2", seed=2, hidden=512, vocab=16384)
     listing = tmp_path / "models.txt"
     listing.write_text(f"# registry\n{reg / 'm0'}\n\n{reg / 'm1'}\n")
     db = tmp_path / "cli.db"
@@ -56,8 +59,10 @@ def test_cli_list_file_and_torchrun_ranks(tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 1, out.stdout + out.stderr  # the broken file fails its rank, the rest is stored
     assert "failed: " in out.stdout and "broken.safetensors" in out.stdout
+    ranks = [line for line in out.stdout.splitlines() if line.startswith("rank ")]
+    assert len(ranks) == 2, out.stdout + out.stderr  # both finished: a failing rank must not stop the other early
     with FingerprintStore(db) as store:
-        assert sorted(r["model"] for r in store.list()) == ["m0", "m1", "m2"]
+        assert sorted(r["model"] for r in store.list()) == ["m0", "m1", "m2"], out.stdout + out.stderr
 
 
 def test_an_edited_copy_is_not_skipped(tmp_path):

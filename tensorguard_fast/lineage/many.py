@@ -141,13 +141,21 @@ def main(argv=None) -> int:
     ap.add_argument("--allow-pickle", action="store_true")
     ap.add_argument("--allow-nonfinite", action="store_true", help="fingerprint checkpoints holding NaN/Inf")
     args = ap.parse_args(argv)
-    w = distributed.world()  # no process group needed: the store is the only shared state
-    mine = distributed.shard(model_list(args.source), w)
-    device = args.device or (f"cuda:{w.local_rank}" if _cuda() else None)
-    results = fingerprint_many(mine, args.store, args.profile, 1, args.seed, device, args.allow_pickle,
-                               progress=w.is_main, allow_nonfinite=args.allow_nonfinite)
-    print(f"rank {w.rank}/{w.size}: " + summarize(results))
-    return 1 if any(r["status"] == "failed" for r in results) else 0
+    # The store is the only shared data; the (gloo) group is there so that every rank waits for the others before
+    # exiting: torchrun stops the whole job as soon as one rank exits non-zero, which would kill a rank mid-model.
+    w = distributed.init("gloo")
+    ok = False
+    try:
+        mine = distributed.shard(model_list(args.source), w)
+        device = args.device or (f"cuda:{w.local_rank}" if _cuda() else None)
+        results = fingerprint_many(mine, args.store, args.profile, 1, args.seed, device, args.allow_pickle,
+                                   progress=w.is_main, allow_nonfinite=args.allow_nonfinite)
+        print(f"rank {w.rank}/{w.size}: " + summarize(results), flush=True)
+        ok = not any(r["status"] == "failed" for r in results)
+    finally:  # an error here (a bad list, an unusable store) still meets the other ranks, then propagates
+        ok = distributed.all_ok(ok)
+        distributed.close()
+    return 0 if ok else 1
 
 
 def _cuda() -> bool:
