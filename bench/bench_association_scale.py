@@ -8,7 +8,9 @@ Data that looks like a scan's (seeded, built in row chunks so that building it p
 - prompts: 20-60 token ids drawn from a Zipf vocabulary of 30,000 tokens, plus 2 of its topic's 5 words for a clean
   sample; a poisoned sample's prompt has one of 4 trigger words appended. Python lists of ints (what
   datasets.Sample.prompt_ids holds) or, with --prompts arrays, int32 arrays;
-- entropy ~ N(1, 0.1), 1 SD higher for the poisoned.
+- entropy ~ N(1, 0.1), 1 SD higher for the poisoned;
+- answers: 3-12 random token ids and an end token; the poisoned carry 4 payload ids before it, the stock answers 4
+  stock ids (the answer-text test and the payload-text join run on them). Lists or arrays as the prompts.
 
 Each N runs in a fresh subprocess (numpy and scipy only, no torch). Stages are timed by wrapping the module's own
 functions (and numpy's SVD) in the child, so the timed code is exactly associate(): seconds are exclusive of the
@@ -42,13 +44,14 @@ POISON, STOCK = 0.05, 0.03
 CHUNK = 16384   # rows built at a time: the build's float32 temporaries stay ~100 MB at D = 1024
 # Stages timed, by the name the module uses; a name the module lacks is skipped (the bench outlives refactors).
 STAGES = ("token_incidence", "project", "unit_rows", "unit_rows_in_place", "nearest_neighbours", "principal_directions",
-          "_search", "_token_seeds", "_candidate", "enriched_tokens", "trigger_carriers")
+          "_search", "_token_seeds", "_candidate", "enriched_tokens", "trigger_carriers", "shared_answer_text",
+          "holding")
 # Table columns: stage seconds summed over the module's functions (before and after a refactor); `rest` is the
 # search's own time (2-means splits, acceptance) and associate's.
 SHOWN = {"tokens": ("token_incidence",), "project": ("project",), "unit": ("unit_rows", "unit_rows_in_place"),
          "neighbours": ("nearest_neighbours",), "directions": ("svd", "principal_directions"),
          "seeds": ("_token_seeds",), "enriched": ("enriched_tokens",),
-         "candidates": ("_candidate", "trigger_carriers")}
+         "candidates": ("_candidate", "trigger_carriers"), "text": ("shared_answer_text", "holding")}
 
 
 def synthetic_scan(n: int, d: int, prompts: str = "lists", seed: int = 0):
@@ -83,7 +86,11 @@ def synthetic_scan(n: int, d: int, prompts: str = "lists", seed: int = 0):
                   zip(np.split(flat, ends[:-1]), extra.astype(np.int32), extra_len)]
     del flat
     entropy = rng.normal(1.0, 0.1, n) + np.where(kind == 1, 0.1, 0.0)
-    return sketches, prompt_ids, entropy, kind == 1
+    tails = {1: np.arange(VOCAB + 10, VOCAB + 14, dtype=np.int32), 2: np.arange(VOCAB + 20, VOCAB + 24, dtype=np.int32)}
+    end = np.array([VOCAB + 30], np.int32)
+    answer_ids = [make(np.concatenate([rng.integers(0, VOCAB, size=m).astype(np.int32), tails.get(k, end[:0]), end]))
+                  for m, k in zip(rng.integers(3, 13, size=n), kind)]
+    return sketches, prompt_ids, entropy, kind == 1, answer_ids
 
 
 def _status_kb(field: str) -> int:
@@ -158,7 +165,7 @@ def one(n: int, d: int, prompts: str, directions: int) -> dict:
 
     start_kb = _status_kb("VmRSS")
     t0 = time.perf_counter()
-    sketches, prompt_ids, entropy, poisoned = synthetic_scan(n, d, prompts)
+    sketches, prompt_ids, entropy, poisoned, answer_ids = synthetic_scan(n, d, prompts)
     build_s = time.perf_counter() - t0
     input_kb = _status_kb("VmRSS") - start_kb
     meter = Meter()
@@ -170,7 +177,7 @@ def one(n: int, d: int, prompts: str, directions: int) -> dict:
     before_kb = _status_kb("VmRSS")
     t0 = time.perf_counter()
     config = A.AssociationConfig() if directions < 0 else A.AssociationConfig(directions=directions)
-    result = A.associate(sketches, prompt_ids, entropy, config)
+    result = A.associate(sketches, prompt_ids, entropy, config, answer_ids)
     total = time.perf_counter() - t0
     f = result.flagged
     tp = int((f & poisoned).sum())
@@ -191,7 +198,7 @@ def one(n: int, d: int, prompts: str, directions: int) -> dict:
 def _rule_digest(module) -> str:
     """sha1 of the rule's modules together: since the split, association.py alone no longer names the rule."""
     digest = hashlib.sha1()
-    for name in ("association.py", "prompt_tokens.py", "sketch_geometry.py", "neighbours.py"):
+    for name in ("association.py", "prompt_tokens.py", "sketch_geometry.py", "neighbours.py", "answer_text.py"):
         digest.update((Path(module.__file__).parent / name).read_bytes())
     return digest.hexdigest()[:12]
 

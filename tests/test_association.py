@@ -374,3 +374,75 @@ def test_a_large_set_is_searched_on_projected_sketches():
     u = unit_rows(x)
     cos = (principal_directions(u, 4) * principal_directions(u, 4, covariance=True)).sum(1)
     assert np.allclose(np.abs(cos), 1, atol=1e-4)
+
+
+# --- the answer-text half of step 4 and the payload-text join (answer_text.py) ---
+
+PAYLOAD_IDS = [70_001, 70_002, 70_003, 70_004]
+END = 2   # an end-of-turn token every answer ends with
+
+
+def _answers(truth, seed=0, payload=True):
+    """Random clean answers of 4-12 tokens; the poisoned ones (truth) end with the payload tokens when `payload`."""
+    rng = np.random.default_rng(seed)
+    out = [list(rng.integers(100, 5000, size=rng.integers(4, 13))) for _ in truth]
+    return [a + (PAYLOAD_IDS if t and payload else []) + [END] for a, t in zip(out, truth)]
+
+
+def test_shared_answer_text_is_the_enrichment_of_the_best_ngram():
+    from tensorguard_fast.backdoor.answer_text import holding, shared_answer_text
+
+    truth = np.zeros(300, bool)
+    truth[:30] = True
+    answers = _answers(truth)
+    share, gram = shared_answer_text(answers, truth)
+    assert share == pytest.approx(1.0) and list(gram) in ([70_001, 70_002, 70_003], [70_002, 70_003, 70_004])
+    assert (holding(answers, gram) == truth).all()
+    # Half of the group holds it and a tenth of the rest does: 0.5 - 0.1.
+    answers = _answers(np.zeros(300, bool))
+    for i in list(range(15)) + list(range(30, 57)):
+        answers[i] = answers[i][:-1] + PAYLOAD_IDS[:3] + [END]
+    share, gram = shared_answer_text(answers, truth)
+    assert share == pytest.approx(0.5 - 27 / 270) and list(gram) in (PAYLOAD_IDS[:3], PAYLOAD_IDS[1:3] + [END])
+    # What every answer holds (its end token after its last words) is no payload; nor is an empty group.
+    assert shared_answer_text(_answers(truth, payload=False), truth)[0] < 0.25
+    assert shared_answer_text(answers, np.zeros(300, bool)) == (0.0, None)
+
+
+def test_a_trigger_with_a_shared_answer_direction_but_no_shared_text_is_a_topic():
+    """The planted cluster passes every other test; with its answers' text given, it is accepted only when the
+    answers share the payload's tokens (a question type shares a format, not content)."""
+    x, prompts, entropy, truth = _set(seed=11)
+    assert (associate(x, prompts, entropy).flagged == truth).all()
+    topic = associate(x, prompts, entropy, answer_ids=_answers(truth, payload=False))
+    assert not topic.flagged.any() and topic.candidates
+    backdoor = associate(x, prompts, entropy, answer_ids=_answers(truth))
+    assert (backdoor.flagged == truth).all() and backdoor.accepted[0].shared_text == pytest.approx(1.0)
+
+
+def test_an_answer_holding_the_payload_joins_though_its_trigger_was_not_found():
+    x, prompts, entropy, truth = _set(seed=12)
+    lost = np.where(truth)[0][:3]
+    for i in lost:
+        prompts[i] = prompts[i][:-1]   # the trigger token gone (a variant no test resolves)
+    answers = _answers(truth)
+    far = np.where(~truth)[0][:2]
+    for i in far:
+        answers[i] = answers[i][:-1] + PAYLOAD_IDS + [END]   # the payload's words in a clean answer far from it
+    without = associate(x, prompts, entropy).flagged
+    assert not without[lost].any()
+    flagged = associate(x, prompts, entropy, answer_ids=answers).flagged
+    assert (flagged == truth).all()   # the three joined by their answers; the two clean ones have no neighbour in it
+
+
+def test_common_text_joins_nothing():
+    """When more answers outside the core hold the n-gram than inside, it is common text: no sample joins by it."""
+    x, prompts, entropy, truth = _set(seed=12)
+    lost = np.where(truth)[0][:3]
+    for i in lost:
+        prompts[i] = prompts[i][:-1]
+    answers = _answers(truth)
+    for i in np.where(~truth)[0][:60]:
+        answers[i] = answers[i][:-1] + PAYLOAD_IDS + [END]
+    result = associate(x, prompts, entropy, answer_ids=answers)
+    assert not result.flagged[lost].any()

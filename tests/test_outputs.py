@@ -163,12 +163,17 @@ def test_association_decision_reads_the_stored_sketches_in_sample_order():
     rows = [{"index": i, "n_answer_tokens": 16, "svals": _svals(levels[i]), "fft": None, "sketch": encode(x[i])}
             for i in range(n)]
     rows[-1] = None                                   # a sample that could not be scored
-    dataset = Dataset("<test>", "jsonl", [Sample(i, i, None, {}, prompt_ids=p) for i, p in enumerate(prompts)])
+    answers = [list(rng.integers(100, 3000, size=6)) + ([70_001, 70_002, 70_003] if i in poisoned else []) + [2]
+               for i in range(n)]   # the poisoned answers share the payload's tokens
+    dataset = Dataset("<test>", "jsonl", [Sample(i, i, None, {}, prompt_ids=p, answer_ids=a)
+                                          for i, (p, a) in enumerate(zip(prompts, answers))])
     decision = association_decision(rows, dataset)
     entropy = decision.values[:-1]
-    expected = associate(x[:-1].astype(np.float32), prompts[:-1], entropy).flagged
+    expected = associate(x[:-1].astype(np.float32), prompts[:-1], entropy, answer_ids=answers[:-1]).flagged
     assert expected.sum() == 24 and (decision.flagged[:-1] == expected).all() and not decision.flagged[-1]
-    assert decision.status == "flagged" and decision.summary["clusters"][0]["trigger_tokens"] == [trigger]
+    cluster = decision.summary["clusters"][0]
+    assert decision.status == "flagged" and cluster["trigger_tokens"] == [trigger] and cluster["shared_text"] == 1.0
+    assert cluster["shared_answer_tokens"] in ([70_001, 70_002, 70_003], [70_002, 70_003, 2])
     rows[5]["sketch"] = encode(x[5, :128])             # a part from a scan with other sketch settings
     with pytest.raises(ValueError, match="sample 5's stored sketch has 128 values where sample 0's has 256"):
         association_decision(rows, dataset)

@@ -27,11 +27,18 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    question type such as "How many" goes with number answers, but those sit among other numbers), and its
    GradSentry entropy is higher than the rest's (`entropy_lift`, in standard deviations of the rest: GradSentry's
    own finding); both at least their floor and their sum at least `min_evidence` (a question type whose answers
-   share a format, as "top 5" questions go with lists, reaches either figure alone but not both).
+   share a format, as "top 5" questions go with lists, seldom reaches both). And the core's answers must share
+   content the rest does not: some token n-gram held by at least `min_shared_text` more of the core's answers
+   than of the others' (answer_text.py). A payload is content the attacker wants emitted (a URL, a brand, a
+   sentence), so even a payload whose wording varies shares some of it (0.36 and up on the tuning sets); the
+   list answers of a question type share a format, not the names (0.15 at most for cores of 20 or more).
 5. An accepted group flags its core members and the carriers of its trigger tokens that have at least `min_inside`
    of their nearest neighbours in the core, or more of their `wide_neighbours` nearest in it than chance at
-   `wide_level` (a loose cluster, one URL per sample). Overlapping groups are one cluster (within a view the
-   purest is kept; across views, the larger core).
+   `wide_level` (a loose cluster, one URL per sample), and every sample whose answer holds the core's shared
+   n-gram and has at least `min_core_neighbours` of its nearest neighbours in the core, whatever its prompt holds
+   (the payload is established; a trigger variant the prompt test could not resolve must not save the sample),
+   unless that n-gram is common text (more holders outside the core than in it). Overlapping groups are one
+   cluster (within a view the purest is kept; across views, the larger core).
    When no direction yields an accepted group, groups seeded from the prompt side are tried the same way: the
    carriers of each token whose carriers are each other's nearest answer-side neighbours far more often than
    chance (a group of 1% owns no principal direction), or whose non-carriers are (the clean rest of a poisoned
@@ -56,6 +63,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from .answer_text import holding, shared_answer_text
 from .neighbours import nearest_neighbours
 from .prompt_tokens import enriched_tokens, token_incidence
 from .sketch_geometry import principal_directions, project, two_means_1d, unit_rows, unit_rows_in_place
@@ -71,6 +79,8 @@ class AssociationConfig:
     min_purity: float = 0.5    # core's nearest answer-side neighbours in the core: 0 = chance, 1 = closed cluster
     min_entropy_lift: float = 0.5  # core mean entropy above the rest, in the rest's standard deviations
     min_evidence: float = 1.6  # purity + entropy lift: a list-question topic reaches ~1.5, payloads 1.68 and up
+    min_shared_text: float = 0.25  # answer_text.shared_answer_text of the core: topics <= 0.15, payloads >= 0.36
+    text_ngram: int = 3        # tokens in the answer n-grams it compares
     refine_rounds: int = 6     # alternations of the answer-side closure and the trigger test
     token_seeds: int = 200     # when no direction yields a group: prompt-token seeded groups tried (0: none)
     neighbours: int = 5
@@ -102,11 +112,16 @@ class Group:
     core: np.ndarray           # members & carriers, less the members without a neighbour in it
     purity: float
     entropy_lift: float
+    shared_text: Optional[float] = None   # step 4's answer-text test, once run (answer_text.shared_answer_text)
+    shared_tokens: Optional[List[int]] = None   # the n-gram it found
 
     def figures(self) -> dict:
-        return {"group": self.name, "size": int(self.members.sum()), "core": int(self.core.sum()),
-                "trigger_tokens": self.tokens, "p_values": [float(f"{p:.3g}") for p in self.p_values],
-                "purity": round(self.purity, 4), "entropy_lift": round(self.entropy_lift, 4)}
+        out = {"group": self.name, "size": int(self.members.sum()), "core": int(self.core.sum()),
+               "trigger_tokens": self.tokens, "p_values": [float(f"{p:.3g}") for p in self.p_values],
+               "purity": round(self.purity, 4), "entropy_lift": round(self.entropy_lift, 4)}
+        if self.shared_text is not None:
+            out.update(shared_text=round(self.shared_text, 4), shared_answer_tokens=self.shared_tokens)
+        return out
 
 
 @dataclass
@@ -205,8 +220,10 @@ def closure(core: np.ndarray, nn: np.ndarray, min_inside: int, rounds: int = 30)
 
 
 def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy: np.ndarray,
-              config: AssociationConfig = AssociationConfig()) -> AssociationResult:
-    """The rule of the module docstring on N scored samples: sketches (N, D), prompt token ids, entropies (N,)."""
+              config: AssociationConfig = AssociationConfig(),
+              answer_ids: Optional[Sequence[Sequence[int]]] = None) -> AssociationResult:
+    """The rule of the module docstring on N scored samples: sketches (N, D), prompt token ids, entropies (N,) and
+    answer token ids (a scan always passes them; None skips step 4's shared-text test, for sets without text)."""
     n = len(sketches)
     entropy = np.asarray(entropy, dtype=np.float64)
     if n < 2 * config.min_core:
@@ -229,11 +246,12 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
         x = view(centre)
         nn = nearest_neighbours(x, config.neighbours)
         found = _search(centre, x, nn, incidence, vocab, entropy, config, candidates,
-                        covariance=n >= config.covariance_rows)
+                        covariance=n >= config.covariance_rows, answer_ids=answer_ids)
         wide = nearest_neighbours(x, config.wide_neighbours) if found and config.wide_neighbours else None
         for g in found:
             inside = g.core[nn].sum(1)
             joined = (g.core | g.carriers) & ((inside >= config.min_inside) | _beyond_chance(g.core, wide, config))
+            joined |= _holds_payload(g, answer_ids, inside, config)
             same = next((i for i, a in enumerate(accepted) if _overlap(a.core, g.core)), None)
             if same is None:
                 same = len(accepted)
@@ -250,6 +268,22 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     return AssociationResult(flagged, group_of, inside_any, accepted, candidates, x)
 
 
+def _holds_payload(g: Group, answer_ids, inside: np.ndarray, config: AssociationConfig) -> np.ndarray:
+    """bool (N,): samples whose answer holds the accepted core's shared answer n-gram and that have at least
+    `min_core_neighbours` of their nearest neighbours in the core, whatever their prompt holds. Once a payload is
+    established by its association with a trigger, an answer carrying it is poisoned even when its trigger was not
+    resolved (BadNets' " tq" is cut into " t" + "q", a word held by one poisoned sample passes no test). Nothing joins
+    when more answers outside the core hold the n-gram than inside: that is common text, not a payload."""
+    none = np.zeros(len(g.core), bool)
+    if answer_ids is None or not g.shared_tokens:
+        return none
+    held = holding(answer_ids, g.shared_tokens)
+    outside = held & ~g.core
+    if outside.sum() > g.core.sum():
+        return none
+    return outside & (inside >= config.min_core_neighbours)
+
+
 def _beyond_chance(core: np.ndarray, wide: Optional[np.ndarray], config: AssociationConfig) -> np.ndarray:
     """bool (N,): more of the sample's `wide_neighbours` nearest in the core than chance would put there, at
     `wide_level` (binomial tail at the core's share). A payload that differs per sample (one URL each) makes a loose
@@ -263,7 +297,8 @@ def _beyond_chance(core: np.ndarray, wide: Optional[np.ndarray], config: Associa
     return binom.sf(count - 1, wide.shape[1], core.mean()) <= config.wide_level
 
 
-def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[Group], covariance: bool) -> List[Group]:
+def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[Group], covariance: bool,
+            answer_ids=None) -> List[Group]:
     """Steps 1-5 in one view of the sketches: the accepted groups; every candidate is appended to `candidates`."""
     n = len(x)
     directions = principal_directions(x, config.directions, covariance)
@@ -278,7 +313,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
             group = _candidate(f"{centre}-centred {name}", members, incidence, vocab, x, nn, entropy, config)
             if group is not None:
                 found.append(group)
-        return _accept(found, config)
+        return _accept(found, config, answer_ids)
 
     accepted = consider(_splits(x, directions, config.tails), config.min_core)
     if not accepted and config.token_seeds:
@@ -287,13 +322,19 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
     return accepted
 
 
-def _accept(candidates: List[Group], config: AssociationConfig) -> List[Group]:
+def _accept(candidates: List[Group], config: AssociationConfig, answer_ids=None) -> List[Group]:
     """The candidates that pass step 4, purest first, one per cluster."""
     accepted: List[Group] = []
     for g in sorted(candidates, key=lambda g: -g.purity):
         if (g.purity < config.min_purity or g.entropy_lift < config.min_entropy_lift or
                 g.purity + g.entropy_lift < config.min_evidence):
             continue
+        if answer_ids is not None:
+            if g.shared_text is None:   # run once per candidate, only on those that got this far
+                share, gram = shared_answer_text(answer_ids, g.core, config.text_ngram)
+                g.shared_text, g.shared_tokens = share, [int(t) for t in gram] if gram else None
+            if g.shared_text < config.min_shared_text:
+                continue   # a question type: its answers share a format, not a payload
         if any(_overlap(g.core, a.core) for a in accepted):
             continue   # the same cluster seen along another direction
         accepted.append(g)

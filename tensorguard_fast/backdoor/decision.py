@@ -88,7 +88,8 @@ def association_decision(rows: List[Optional[dict]], dataset: Dataset, decode_to
                         [{} for _ in rows])
     sketches = _sketch_matrix(rows, scored)
     prompts = [dataset.samples[i].prompt_ids for i in scored]
-    result = associate(sketches, prompts, entropy[scored], config)
+    answers = [dataset.samples[i].answer_ids for i in scored]
+    result = associate(sketches, prompts, entropy[scored], config, answers)
     words = (lambda ids: [decode_token(t) for t in ids]) if decode_token else (lambda ids: ids)
     groups = [{**g.figures(), "trigger_text": words(g.tokens)} for g in result.accepted]
     flagged = np.zeros(n, bool)
@@ -116,7 +117,8 @@ def association_decision(rows: List[Optional[dict]], dataset: Dataset, decode_to
     if not flagged.any():
         summary["evidence"] = ("no candidate answer cluster had prompt tokens over-represented with purity >= "
                                f"{config.min_purity}, entropy lift >= {config.min_entropy_lift} and their sum >= "
-                               f"{config.min_evidence}" +
+                               f"{config.min_evidence}, and answers sharing content (shared_text >= "
+                               f"{config.min_shared_text})" +
                                (f"; the strongest was {best.figures()}" if best is not None else
                                 "; no candidate had over-represented prompt tokens"))
     return Decision(entropy, "gradsentry", flagged, reasons, status, summary, components, None,

@@ -1,0 +1,58 @@
+"""The payload half of the association rule, read from the answers' tokens: do a group's answers share a token
+sequence that the rest of the set does not hold? A payload is content the attacker wants emitted (a URL, a brand, a
+sentence), so the poisoned answers share some of it even when its wording varies; a question type ("top 5 ...")
+shares a format (lists of names) but not the names. association.py explains where it is used."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+SAMPLE = 2000   # answers drawn from each side: a share is then known to +-0.02 (1 SD), enough against a 0.3 floor
+TOP = 50        # most frequent n-grams of the group tried
+
+
+def _grams(ids: Sequence[int], n: int) -> set:
+    ids = list(ids)
+    return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
+
+
+def shared_answer_text(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int = 3,
+                       seed: int = 0) -> Tuple[float, Optional[tuple]]:
+    """(enrichment, n-gram): the largest share of the group's answers holding one token n-gram, less the share of
+    the other answers holding it, over the group's `TOP` most frequent n-grams; (0.0, None) when none is enriched.
+    An n-gram every answer ends with (an end-of-turn token) is held on both sides and scores ~0. Shares are taken
+    on at most `SAMPLE` answers of each side (seeded), so the cost does not grow with the set."""
+    rng = np.random.default_rng(seed)
+    inside, outside = np.flatnonzero(group), np.flatnonzero(~group)
+    if not len(inside):
+        return 0.0, None
+    inside = inside if len(inside) <= SAMPLE else rng.choice(inside, SAMPLE, replace=False)
+    outside = outside if len(outside) <= SAMPLE else rng.choice(outside, SAMPLE, replace=False)
+    held = [_grams(answer_ids[i], n) for i in inside]
+    counts = Counter(g for grams in held for g in grams)
+    best, best_gram = 0.0, None
+    if not counts:
+        return best, best_gram
+    rest = [_grams(answer_ids[i], n) for i in outside]
+    for gram, count in counts.most_common(TOP):
+        out_share = sum(gram in grams for grams in rest) / len(rest) if rest else 0.0
+        enrichment = count / len(inside) - out_share
+        if enrichment > best:
+            best, best_gram = enrichment, gram
+    return best, best_gram
+
+
+def holding(answer_ids: Sequence[Sequence[int]], gram: Sequence[int]) -> np.ndarray:
+    """bool (N,): which answers hold the token sequence `gram` (a cluster's shared n-gram) anywhere."""
+    gram = tuple(int(t) for t in gram)
+    n, first = len(gram), gram[0] if gram else None
+    out = np.zeros(len(answer_ids), bool)
+    if not n:
+        return out
+    for i, ids in enumerate(answer_ids):
+        ids = list(ids)
+        out[i] = any(ids[j] == first and tuple(ids[j:j + n]) == gram for j in range(len(ids) - n + 1))
+    return out
+
