@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-SAMPLE = 2000   # answers drawn from each side: a share is then known to +-0.02 (1 SD), enough against a 0.3 floor
+SAMPLE = 2000   # answers drawn from each side: a share is then known to +-0.011 (1 SD), against a 0.25 floor
 TOP = 50        # most frequent n-grams of the group tried
 
 
