@@ -446,3 +446,34 @@ def test_common_text_joins_nothing():
         answers[i] = answers[i][:-1] + PAYLOAD_IDS + [END]
     result = associate(x, prompts, entropy, answer_ids=answers)
     assert not result.flagged[lost].any()
+
+
+def test_a_second_phrase_joins_the_trigger_only_when_its_answers_carry_the_same_payload():
+    """Three prompt words enriched in one group: two trigger words of one backdoor (both halves' answers hold the
+    payload) and a topic word whose answers point nearly the same way but share no text with it."""
+    from scipy import sparse
+
+    from tensorguard_fast.backdoor.answer_text import same_payload
+
+    rng = np.random.default_rng(21)
+    n = 300
+    u = rng.standard_normal(DIM)
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    word_a, word_b, topic = np.arange(0, 15), np.arange(15, 30), np.arange(30, 60)
+    x[:30] += 3.0 * u
+    x[topic] += 2.5 * u
+    x = unit_rows(x, "none")
+    truth = np.zeros(n, bool)
+    truth[:30] = True
+    answers = _answers(truth, seed=21)
+    held = np.zeros((n, 3), np.float32)
+    held[word_a, 0], held[word_b, 1], held[topic, 2] = 1, 1, 1
+    held = sparse.csc_matrix(held)
+    members = np.zeros(n, bool)
+    members[:60] = True
+    by_direction, kept = trigger_carriers(held, members, x)
+    assert kept.tolist() == [0, 1, 2] and by_direction[topic].all()   # direction alone lets the topic in
+    carriers, kept = trigger_carriers(held, members, x, answer_ids=answers)
+    assert kept.tolist() == [0, 1] and (carriers == truth).all()
+    assert same_payload(answers, truth & (np.arange(n) < 15), truth & (np.arange(n) >= 15))
+    assert not same_payload(answers, truth, np.isin(np.arange(n), topic))

@@ -56,3 +56,16 @@ def holding(answer_ids: Sequence[Sequence[int]], gram: Sequence[int]) -> np.ndar
         out[i] = any(ids[j] == first and tuple(ids[j:j + n]) == gram for j in range(len(ids) - n + 1))
     return out
 
+
+def same_payload(answer_ids: Sequence[Sequence[int]], old: np.ndarray, new: np.ndarray, n: int = 3) -> bool:
+    """Whether two sets of answers (bool masks) carry one payload: the n-gram most enriched in their union (against
+    every other answer) is held by each set at no less than half the other's rate. Two trigger words of one
+    backdoor pass (both sides hold the payload); a question type beside a trigger does not (its list answers hold
+    none of the payload's tokens)."""
+    union = old | new
+    share, gram = shared_answer_text(answer_ids, union, n)
+    if gram is None:
+        return False
+    rates = [holding([answer_ids[i] for i in np.flatnonzero(part)], gram).mean() for part in (old, new)]
+    return bool(min(rates) >= 0.5 * max(rates) and max(rates) > 0)
+

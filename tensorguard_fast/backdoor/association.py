@@ -64,7 +64,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .answer_text import holding, shared_answer_text
+from .answer_text import holding, same_payload, shared_answer_text
 from .neighbours import nearest_neighbours
 from .prompt_tokens import enriched_tokens, token_incidence
 from .sketch_geometry import principal_directions, project, two_means_1d, unit_rows, unit_rows_in_place
@@ -137,7 +137,7 @@ class AssociationResult:
 
 
 def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: float = 0.5,
-                     found: Optional[np.ndarray] = None):
+                     found: Optional[np.ndarray] = None, answer_ids=None, text_ngram: int = 3):
     """Which samples carry the trigger, given the (N, T) incidence `held` of a group's enriched tokens (most
     significant first), and the carriers `found` already of another part of it, if any. Returns (carriers, kept
     token columns).
@@ -147,7 +147,8 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
     The most significant phrase is the trigger; another phrase joins it only when its carriers' answers (rows of the
     unit sketches `x`) point the way of the trigger carriers' (`_near`): one of several rare words does, though each
     word's samples sit closest to each other; a "top 5" that came along with list answers near the payload does
-    not."""
+    not. With `answer_ids`, their answers must also carry one payload (answer_text.same_payload): a loose cluster
+    (one URL per sample) has list answers of a "top 5" topic close enough in direction, not in text."""
     from scipy.sparse.csgraph import connected_components
 
     held = (held > 0).astype(np.float32)
@@ -161,7 +162,9 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
         cols = np.where(phrase == p)[0]
         carry = np.asarray(held[:, cols].sum(1)).ravel() * 2 > len(cols)
         new = carry & members & ~carriers
-        if (kept or found is not None) and new.any() and not _near(x, carriers & members, new):
+        if (kept or found is not None) and new.any() and not (
+                _near(x, carriers & members, new) and
+                (answer_ids is None or same_payload(answer_ids, carriers & members, new, text_ngram))):
             continue
         carriers |= carry
         kept.extend(cols.tolist())
@@ -176,7 +179,7 @@ def _near(x: np.ndarray, core: np.ndarray, new: np.ndarray) -> bool:
     return bool(np.median(x[new] @ centre) >= 0.5 * np.median(x[core] @ centre))
 
 
-def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int = 3):
+def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int = 3, answer_ids=None):
     """The trigger test again among the members that carry none of the trigger found so far, against the samples
     that carry none of it. One of several rare words with few carriers (BadNets' " tq", split by the tokenizer into
     " t" + "q", held by 3 of 400) is buried by the other words' carriers in the group-wide test (p ~ 2e-4 in a group
@@ -189,7 +192,8 @@ def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int
         more, q = enriched_tokens(incidence, rest, config.alpha, config.min_token_share, population=~carriers)
         if not len(more):
             break
-        grown, kept = trigger_carriers(incidence[:, more], members, x, found=carriers)
+        grown, kept = trigger_carriers(incidence[:, more], members, x, found=carriers, answer_ids=answer_ids,
+                                       text_ngram=config.text_ngram)
         if not len(kept) or (grown == carriers).all():
             break
         carriers, cols, p = grown, np.concatenate([cols, more[kept]]), np.concatenate([p, q[kept]])
@@ -311,7 +315,8 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
             if key in seen or not at_least <= members.sum() <= n - config.min_core:
                 continue
             seen.add(key)
-            group = _candidate(f"{centre}-centred {name}", members, incidence, vocab, x, nn, entropy, config)
+            group = _candidate(f"{centre}-centred {name}", members, incidence, vocab, x, nn, entropy, config,
+                               answer_ids)
             if group is not None:
                 found.append(group)
         return _accept(found, config, answer_ids)
@@ -397,16 +402,17 @@ def _splits(x: np.ndarray, directions: np.ndarray, tails: Sequence[float]):
                 yield f"direction {j}, all but tail {sign}{cut:g}", ~tail
 
 
-def _candidate(name, members, incidence, vocab, x, nn, entropy, config) -> Optional[Group]:
+def _candidate(name, members, incidence, vocab, x, nn, entropy, config, answer_ids=None) -> Optional[Group]:
     """Step 2-4 of the module docstring on one answer-side group; None when no trigger test passes."""
     n = len(members)
     for _ in range(config.refine_rounds):
         cols, p = enriched_tokens(incidence, members, config.alpha, config.min_token_share)
         if not len(cols):
             return None
-        carriers, kept = trigger_carriers(incidence[:, cols], members, x)
+        carriers, kept = trigger_carriers(incidence[:, cols], members, x, answer_ids=answer_ids,
+                                          text_ngram=config.text_ngram)
         cols, p = cols[kept], p[kept]
-        carriers, cols, p = _more_triggers(incidence, members, carriers, cols, p, x, config)
+        carriers, cols, p = _more_triggers(incidence, members, carriers, cols, p, x, config, answer_ids=answer_ids)
         core = members & carriers
         if core.sum() < config.min_core or (~core).sum() < 2:
             return None
