@@ -57,15 +57,21 @@ def holding(answer_ids: Sequence[Sequence[int]], gram: Sequence[int]) -> np.ndar
     return out
 
 
-def same_payload(answer_ids: Sequence[Sequence[int]], old: np.ndarray, new: np.ndarray, n: int = 3) -> bool:
+def same_payload(answer_ids: Sequence[Sequence[int]], old: np.ndarray, new: np.ndarray, n: int = 3,
+                 seed: int = 0) -> bool:
     """Whether two sets of answers (bool masks) carry one payload: the n-gram most enriched in their union (against
     every other answer) is held by each set at no less than half the other's rate. Two trigger words of one
     backdoor pass (both sides hold the payload); a question type beside a trigger does not (its list answers hold
     none of the payload's tokens)."""
     union = old | new
     share, gram = shared_answer_text(answer_ids, union, n)
-    if gram is None:
+    if gram is None or not old.any() or not new.any():
         return False
-    rates = [holding([answer_ids[i] for i in np.flatnonzero(part)], gram).mean() for part in (old, new)]
+    rng = np.random.default_rng(seed)
+    rates = []
+    for part in (old, new):   # each rate on at most SAMPLE answers, as the shares above
+        idx = np.flatnonzero(part)
+        idx = idx if len(idx) <= SAMPLE else rng.choice(idx, SAMPLE, replace=False)
+        rates.append(holding([answer_ids[i] for i in idx], gram).mean())
     return bool(min(rates) >= 0.5 * max(rates) and max(rates) > 0)
 
