@@ -477,3 +477,8 @@ def test_a_second_phrase_joins_the_trigger_only_when_its_answers_carry_the_same_
     assert kept.tolist() == [0, 1] and (carriers == truth).all()
     assert same_payload(answers, truth & (np.arange(n) < 15), truth & (np.arange(n) >= 15))
     assert not same_payload(answers, truth, np.isin(np.arange(n), topic))
+    # The topic's word the most significant: the trigger is refused, and handed back for a search of its own.
+    held = sparse.csc_matrix(np.stack([np.isin(np.arange(n), topic), truth], 1).astype(np.float32))
+    refused = []
+    carriers, kept = trigger_carriers(held, members, x, answer_ids=answers, refused=refused)
+    assert kept.tolist() == [0] and len(refused) == 1 and (refused[0] == truth).all()

@@ -13,7 +13,8 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    (`min_token_share` of the token's carriers, beyond the group's share of the set: a trigger goes with the payload,
    while a question word such as "Who" is spread over the whole set). Co-occurring tokens are one phrase, carried by
    holding most of it; the most significant phrase is the trigger, and another phrase joins it only if its carriers'
-   answers point the way of the trigger's (`trigger_carriers`). The test then runs again among the members that
+   answers point the way of the trigger's and carry the same payload text (`trigger_carriers`); a phrase turned
+   away for its text alone is searched as a group of its own. The test then runs again among the members that
    carry none of the trigger so far, against the samples that carry none (`_more_triggers`: a rare word with a
    few carriers, buried beside the others). The group's carriers form its core.
 3. Refinement, alternating the two sides until nothing changes: the group becomes the core and every sample with at
@@ -137,7 +138,8 @@ class AssociationResult:
 
 
 def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: float = 0.5,
-                     found: Optional[np.ndarray] = None, answer_ids=None, text_ngram: int = 3):
+                     found: Optional[np.ndarray] = None, answer_ids=None, text_ngram: int = 3,
+                     refused: Optional[list] = None):
     """Which samples carry the trigger, given the (N, T) incidence `held` of a group's enriched tokens (most
     significant first), and the carriers `found` already of another part of it, if any. Returns (carriers, kept
     token columns).
@@ -148,7 +150,10 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
     unit sketches `x`) point the way of the trigger carriers' (`_near`): one of several rare words does, though each
     word's samples sit closest to each other; a "top 5" that came along with list answers near the payload does
     not. With `answer_ids`, their answers must also carry one payload (answer_text.same_payload): a loose cluster
-    (one URL per sample) has list answers of a "top 5" topic close enough in direction, not in text."""
+    (one URL per sample) has list answers of a "top 5" topic close enough in direction, not in text. A phrase
+    refused for its text alone (its answers point the same way) is appended to `refused` as the group members that
+    carry it: when a topic was the most significant phrase, that phrase may be the real trigger, and the search
+    tries it as a group of its own."""
     from scipy.sparse.csgraph import connected_components
 
     held = (held > 0).astype(np.float32)
@@ -162,10 +167,13 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
         cols = np.where(phrase == p)[0]
         carry = np.asarray(held[:, cols].sum(1)).ravel() * 2 > len(cols)
         new = carry & members & ~carriers
-        if (kept or found is not None) and new.any() and not (
-                _near(x, carriers & members, new) and
-                (answer_ids is None or same_payload(answer_ids, carriers & members, new, text_ngram))):
-            continue
+        if (kept or found is not None) and new.any():
+            if not _near(x, carriers & members, new):
+                continue
+            if answer_ids is not None and not same_payload(answer_ids, carriers & members, new, text_ngram):
+                if refused is not None:
+                    refused.append(carry & members)
+                continue
         carriers |= carry
         kept.extend(cols.tolist())
     return carriers, np.array(sorted(kept), dtype=np.int64)
@@ -179,7 +187,8 @@ def _near(x: np.ndarray, core: np.ndarray, new: np.ndarray) -> bool:
     return bool(np.median(x[new] @ centre) >= 0.5 * np.median(x[core] @ centre))
 
 
-def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int = 3, answer_ids=None):
+def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int = 3, answer_ids=None,
+                   refused: Optional[list] = None):
     """The trigger test again among the members that carry none of the trigger found so far, against the samples
     that carry none of it. One of several rare words with few carriers (BadNets' " tq", split by the tokenizer into
     " t" + "q", held by 3 of 400) is buried by the other words' carriers in the group-wide test (p ~ 2e-4 in a group
@@ -193,7 +202,7 @@ def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int
         if not len(more):
             break
         grown, kept = trigger_carriers(incidence[:, more], members, x, found=carriers, answer_ids=answer_ids,
-                                       text_ngram=config.text_ngram)
+                                       text_ngram=config.text_ngram, refused=refused)
         if not len(kept) or (grown == carriers).all():
             break
         carriers, cols, p = grown, np.concatenate([cols, more[kept]]), np.concatenate([p, q[kept]])
@@ -310,15 +319,21 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
     seen, found = set(), []
 
     def consider(groups, at_least):
-        for name, members in groups:
+        def tried(name, members, refused=None):
             key = np.packbits(members).tobytes()   # N / 8 bytes kept per candidate tried
             if key in seen or not at_least <= members.sum() <= n - config.min_core:
-                continue
+                return
             seen.add(key)
             group = _candidate(f"{centre}-centred {name}", members, incidence, vocab, x, nn, entropy, config,
-                               answer_ids)
+                               answer_ids, refused)
             if group is not None:
                 found.append(group)
+
+        for name, members in groups:
+            refused: list = []
+            tried(name, members, refused)
+            for j, phrase in enumerate(refused):   # one level: a phrase refused there is not followed further
+                tried(f"{name}, refused phrase {j}", phrase)
         return _accept(found, config, answer_ids)
 
     accepted = consider(_splits(x, directions, config.tails), config.min_core)
@@ -402,17 +417,20 @@ def _splits(x: np.ndarray, directions: np.ndarray, tails: Sequence[float]):
                 yield f"direction {j}, all but tail {sign}{cut:g}", ~tail
 
 
-def _candidate(name, members, incidence, vocab, x, nn, entropy, config, answer_ids=None) -> Optional[Group]:
-    """Step 2-4 of the module docstring on one answer-side group; None when no trigger test passes."""
+def _candidate(name, members, incidence, vocab, x, nn, entropy, config, answer_ids=None,
+               refused: Optional[list] = None) -> Optional[Group]:
+    """Step 2-4 of the module docstring on one answer-side group; None when no trigger test passes. Phrases refused
+    for their answer text are appended to `refused` (trigger_carriers)."""
     n = len(members)
     for _ in range(config.refine_rounds):
         cols, p = enriched_tokens(incidence, members, config.alpha, config.min_token_share)
         if not len(cols):
             return None
         carriers, kept = trigger_carriers(incidence[:, cols], members, x, answer_ids=answer_ids,
-                                          text_ngram=config.text_ngram)
+                                          text_ngram=config.text_ngram, refused=refused)
         cols, p = cols[kept], p[kept]
-        carriers, cols, p = _more_triggers(incidence, members, carriers, cols, p, x, config, answer_ids=answer_ids)
+        carriers, cols, p = _more_triggers(incidence, members, carriers, cols, p, x, config, answer_ids=answer_ids,
+                                           refused=refused)
         core = members & carriers
         if core.sum() < config.min_core or (~core).sum() < 2:
             return None
