@@ -53,9 +53,9 @@ For large sets, far beyond the tuning sets, the principal directions come from t
 sketch of the same answers), so that a million samples fit in a few GB (bench/bench_association_scale.py).
 
 Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seeds 1, 3 and 4, SmolLM2 and Gemma-3);
-bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 23 is the report of the rule with
-the answer-text test, whose floor was chosen on the tuning split and development seed 13; seed 17 of the rule
-before it).
+bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 31 is the report of the rule with
+the answer-text tests, whose floor was chosen on the tuning split and development seed 13; seeds 23 and 29 of the
+steps before, seed 17 of the rule before them).
 docs/backdoor.md explains the rule to users.
 """
 from __future__ import annotations
