@@ -64,7 +64,7 @@ def same_payload(answer_ids: Sequence[Sequence[int]], old: np.ndarray, new: np.n
     backdoor pass (both sides hold the payload); a question type beside a trigger does not (its list answers hold
     none of the payload's tokens)."""
     union = old | new
-    share, gram = shared_answer_text(answer_ids, union, n)
+    _, gram = shared_answer_text(answer_ids, union, n)
     if gram is None or not old.any() or not new.any():
         return False
     rng = np.random.default_rng(seed)

@@ -239,7 +239,8 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
               config: AssociationConfig = AssociationConfig(),
               answer_ids: Optional[Sequence[Sequence[int]]] = None) -> AssociationResult:
     """The rule of the module docstring on N scored samples: sketches (N, D), prompt token ids, entropies (N,) and
-    answer token ids (a scan always passes them; None skips step 4's shared-text test, for sets without text)."""
+    answer token ids (a scan always passes them; None skips the answer-text tests of steps 2, 4 and 5, for sets
+    without text)."""
     n = len(sketches)
     entropy = np.asarray(entropy, dtype=np.float64)
     if n < 2 * config.min_core:
@@ -252,6 +253,7 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     flagged, group_of = np.zeros(n, bool), np.full(n, -1)
     inside_any = np.zeros(n, dtype=np.int64)
     first = None   # the view the flags were first found in: the outputs' payload direction is taken in it
+    holders = {}   # shared n-gram -> which answers hold it: one pass over the answers, though both views accept it
 
     def view(centre):
         return (unit_rows_in_place(project(sketches, config.project_dims), centre) if projected else
@@ -267,7 +269,7 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
         for g in found:
             inside = g.core[nn].sum(1)
             joined = (g.core | g.carriers) & ((inside >= config.min_inside) | _beyond_chance(g.core, wide, config))
-            joined |= _holds_payload(g, answer_ids, inside, config)
+            joined |= _holds_payload(g, answer_ids, inside, config, holders)
             same = next((i for i, a in enumerate(accepted) if _overlap(a.core, g.core)), None)
             if same is None:
                 same = len(accepted)
@@ -284,7 +286,8 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
     return AssociationResult(flagged, group_of, inside_any, accepted, candidates, x)
 
 
-def _holds_payload(g: Group, answer_ids, inside: np.ndarray, config: AssociationConfig) -> np.ndarray:
+def _holds_payload(g: Group, answer_ids, inside: np.ndarray, config: AssociationConfig,
+                   holders: dict) -> np.ndarray:
     """bool (N,): samples whose answer holds the accepted core's shared answer n-gram and that have at least
     `min_core_neighbours` of their nearest neighbours in the core, whatever their prompt holds. Once a payload is
     established by its association with a trigger, an answer carrying it is poisoned even when its trigger was not
@@ -293,7 +296,10 @@ def _holds_payload(g: Group, answer_ids, inside: np.ndarray, config: Association
     none = np.zeros(len(g.core), bool)
     if answer_ids is None or not g.shared_tokens:
         return none
-    held = holding(answer_ids, g.shared_tokens)
+    gram = tuple(g.shared_tokens)
+    if gram not in holders:
+        holders[gram] = holding(answer_ids, gram)
+    held = holders[gram]
     outside = held & ~g.core
     if outside.sum() > g.core.sum():
         return none
