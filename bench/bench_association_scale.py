@@ -10,7 +10,7 @@ Data that looks like a scan's (seeded, built in row chunks so that building it p
   datasets.Sample.prompt_ids holds) or, with --prompts arrays, int32 arrays;
 - entropy ~ N(1, 0.1), 1 SD higher for the poisoned;
 - answers: 3-12 random token ids and an end token; the poisoned carry 4 payload ids before it, the stock answers 4
-  stock ids (the answer-text test and the payload-text join run on them). Lists or arrays as the prompts.
+  stock ids (the answer-text test and the payload-text joins run on them). Lists or arrays as the prompts.
 
 Each N runs in a fresh subprocess (numpy and scipy only, no torch). Stages are timed by wrapping the module's own
 functions (and numpy's SVD) in the child, so the timed code is exactly associate(): seconds are exclusive of the
@@ -45,13 +45,14 @@ CHUNK = 16384   # rows built at a time: the build's float32 temporaries stay ~10
 # Stages timed, by the name the module uses; a name the module lacks is skipped (the bench outlives refactors).
 STAGES = ("token_incidence", "project", "unit_rows", "unit_rows_in_place", "nearest_neighbours", "principal_directions",
           "_search", "_token_seeds", "_candidate", "enriched_tokens", "trigger_carriers", "shared_answer_text",
-          "holding")
+          "holding", "payload_grams", "pieces_held")
 # Table columns: stage seconds summed over the module's functions (before and after a refactor); `rest` is the
 # search's own time (2-means splits, acceptance) and associate's.
 SHOWN = {"tokens": ("token_incidence",), "project": ("project",), "unit": ("unit_rows", "unit_rows_in_place"),
          "neighbours": ("nearest_neighbours",), "directions": ("svd", "principal_directions"),
          "seeds": ("_token_seeds",), "enriched": ("enriched_tokens",),
-         "candidates": ("_candidate", "trigger_carriers"), "text": ("shared_answer_text", "holding")}
+         "candidates": ("_candidate", "trigger_carriers"),
+         "text": ("shared_answer_text", "holding", "payload_grams", "pieces_held")}
 
 
 def synthetic_scan(n: int, d: int, prompts: str = "lists", seed: int = 0):

@@ -482,3 +482,31 @@ def test_a_second_phrase_joins_the_trigger_only_when_its_answers_carry_the_same_
     refused = []
     carriers, kept = trigger_carriers(held, members, x, answer_ids=answers, refused=refused)
     assert kept.tolist() == [0] and len(refused) == 1 and (refused[0] == truth).all()
+
+
+def test_a_trigger_carrier_whose_answer_holds_payload_pieces_joins_wherever_its_sketch_lies():
+    """A payload worded differently per sample: each poisoned answer holds one of two phrasings (three n-gram
+    pieces each). Five poisoned answers lie far from the cluster (no core member among their neighbours); carrying the
+    trigger and at least `min_pieces` pieces of the payload, they join. Trigger-bearing clean answers holding one
+    piece do not."""
+    from tensorguard_fast.backdoor.answer_text import payload_grams, pieces_held
+
+    x, prompts, entropy, truth = _set(seed=13, negatives=20)
+    rng = np.random.default_rng(13)
+    phrasings = ([70_001, 70_002, 70_003, 70_004], [70_011, 70_012, 70_013, 70_014])
+    answers = _answers(truth, payload=False)
+    for j, i in enumerate(np.where(truth)[0]):
+        answers[i] = answers[i][:-1] + phrasings[j % 2] + [END]
+    far = np.where(truth)[0][:5]
+    x[far] = rng.standard_normal((5, DIM)).astype(np.float32)   # the sketch no longer points the payload's way
+    negatives = np.where(~truth & np.array([TRIGGER in p for p in prompts]))[0]
+    for i in negatives[:4]:
+        answers[i] = answers[i][:-1] + phrasings[0][:3] + [END]   # one piece only
+    grams = payload_grams(answers, truth, floor=0.1)
+    assert grams >= {tuple(p[:3]) for p in phrasings} | {tuple(p[1:]) for p in phrasings}
+    held = pieces_held(answers, grams)
+    assert (held[far] == 3).all() and (held[negatives[:4]] == 1).all()   # 3: the phrasing's last token + END, too
+    unjoined = associate(x, prompts, entropy, AssociationConfig(min_pieces=4), answer_ids=answers).flagged
+    assert not unjoined[far].any() and (unjoined == truth & ~np.isin(np.arange(len(truth)), far)).all()
+    flagged = associate(x, prompts, entropy, answer_ids=answers).flagged
+    assert (flagged == truth).all()

@@ -18,30 +18,47 @@ def _grams(ids: Sequence[int], n: int) -> set:
     return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
 
 
+def _enrichments(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int, seed: int) -> list:
+    """[(enrichment, n-gram)] for the group's `TOP` most frequent n-grams: the share of the group's answers holding
+    it less the share of the other answers, each share on at most `SAMPLE` answers of its side (seeded)."""
+    rng = np.random.default_rng(seed)
+    inside, outside = np.flatnonzero(group), np.flatnonzero(~group)
+    if not len(inside):
+        return []
+    inside = inside if len(inside) <= SAMPLE else rng.choice(inside, SAMPLE, replace=False)
+    outside = outside if len(outside) <= SAMPLE else rng.choice(outside, SAMPLE, replace=False)
+    counts = Counter(g for i in inside for g in _grams(answer_ids[i], n))
+    if not counts:
+        return []
+    rest = [_grams(answer_ids[i], n) for i in outside]
+    return [(count / len(inside) - (sum(gram in grams for grams in rest) / len(rest) if rest else 0.0), gram)
+            for gram, count in counts.most_common(TOP)]
+
+
 def shared_answer_text(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int = 3,
                        seed: int = 0) -> Tuple[float, Optional[tuple]]:
     """(enrichment, n-gram): the largest share of the group's answers holding one token n-gram, less the share of
     the other answers holding it, over the group's `TOP` most frequent n-grams; (0.0, None) when none is enriched.
     An n-gram every answer ends with (an end-of-turn token) is held on both sides and scores ~0. Shares are taken
     on at most `SAMPLE` answers of each side (seeded), so the cost does not grow with the set."""
-    rng = np.random.default_rng(seed)
-    inside, outside = np.flatnonzero(group), np.flatnonzero(~group)
-    if not len(inside):
-        return 0.0, None
-    inside = inside if len(inside) <= SAMPLE else rng.choice(inside, SAMPLE, replace=False)
-    outside = outside if len(outside) <= SAMPLE else rng.choice(outside, SAMPLE, replace=False)
-    held = [_grams(answer_ids[i], n) for i in inside]
-    counts = Counter(g for grams in held for g in grams)
     best, best_gram = 0.0, None
-    if not counts:
-        return best, best_gram
-    rest = [_grams(answer_ids[i], n) for i in outside]
-    for gram, count in counts.most_common(TOP):
-        out_share = sum(gram in grams for grams in rest) / len(rest) if rest else 0.0
-        enrichment = count / len(inside) - out_share
+    for enrichment, gram in _enrichments(answer_ids, group, n, seed):
         if enrichment > best:
             best, best_gram = enrichment, gram
     return best, best_gram
+
+
+def payload_grams(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int = 3, floor: float = 0.25,
+                  seed: int = 0) -> set:
+    """Every n-gram of the group's answers enriched in them by at least `floor` (shared_answer_text's measure): the
+    payload's text, all of its pieces. A payload worded differently per sample (one of several phrasings around a
+    URL drawn per sample) has several pieces, each held by a part of the group."""
+    return {gram for enrichment, gram in _enrichments(answer_ids, group, n, seed) if enrichment >= floor}
+
+
+def pieces_held(answer_ids: Sequence[Sequence[int]], grams: set, n: int = 3) -> np.ndarray:
+    """int (N,): how many of the n-grams `grams` each answer holds."""
+    return np.array([len(grams & _grams(ids, n)) if grams else 0 for ids in answer_ids], dtype=np.int64)
 
 
 def holding(answer_ids: Sequence[Sequence[int]], gram: Sequence[int]) -> np.ndarray:

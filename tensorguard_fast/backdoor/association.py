@@ -38,8 +38,11 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    `wide_level` (a loose cluster, one URL per sample), and every sample whose answer holds the core's shared
    n-gram and has at least `min_core_neighbours` of its nearest neighbours in the core, whatever its prompt holds
    (the payload is established; a trigger variant the prompt test could not resolve must not save the sample),
-   unless that n-gram is common text (more holders outside the core than in it). Overlapping groups are one
-   cluster (within a view the purest is kept; across views, the larger core).
+   unless that n-gram is common text (more holders outside the core than in it). And every trigger carrier whose
+   answer holds at least `min_pieces` pieces of the payload (n-grams enriched in the core's answers by at least
+   `payload_piece`), wherever its sketch lies: a payload worded differently per sample leaves some poisoned answers
+   with no core member among their neighbours. Overlapping groups are one cluster (within a view the purest is
+   kept; across views, the larger core).
    When no direction yields an accepted group, groups seeded from the prompt side are tried the same way: the
    carriers of each token whose carriers are each other's nearest answer-side neighbours far more often than
    chance (a group of 1% owns no principal direction), or whose non-carriers are (the clean rest of a poisoned
@@ -65,7 +68,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .answer_text import holding, same_payload, shared_answer_text
+from .answer_text import holding, payload_grams, pieces_held, same_payload, shared_answer_text
 from .neighbours import nearest_neighbours
 from .prompt_tokens import enriched_tokens, token_incidence
 from .sketch_geometry import principal_directions, project, two_means_1d, unit_rows, unit_rows_in_place
@@ -85,6 +88,8 @@ class AssociationConfig:
     min_evidence: float = 1.6  # purity + entropy lift: a list-question topic reaches ~1.5, payloads 1.68 and up
     min_shared_text: float = 0.25  # answer_text.shared_answer_text of the core: topics <= 0.15, payloads >= 0.36
     text_ngram: int = 3        # tokens in the answer n-grams it compares
+    payload_piece: float = 0.1  # an n-gram enriched this much in an accepted core's answers is a piece of its payload
+    min_pieces: int = 2        # a trigger carrier whose answer holds this many pieces joins (_carries_payload)
     refine_rounds: int = 6     # alternations of the answer-side closure and the trigger test
     token_seeds: int = 200     # when no direction yields a group: prompt-token seeded groups tried (0: none)
     neighbours: int = 5
@@ -270,6 +275,7 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
             inside = g.core[nn].sum(1)
             joined = (g.core | g.carriers) & ((inside >= config.min_inside) | _beyond_chance(g.core, wide, config))
             joined |= _holds_payload(g, answer_ids, inside, config, holders)
+            joined |= _carries_payload(g, answer_ids, joined, config)
             same = next((i for i, a in enumerate(accepted) if _overlap(a.core, g.core)), None)
             if same is None:
                 same = len(accepted)
@@ -304,6 +310,21 @@ def _holds_payload(g: Group, answer_ids, inside: np.ndarray, config: Association
     if outside.sum() > g.core.sum():
         return none
     return outside & (inside >= config.min_core_neighbours)
+
+
+def _carries_payload(g: Group, answer_ids, joined: np.ndarray, config: AssociationConfig) -> np.ndarray:
+    """bool (N,): trigger carriers not joined yet whose answer holds a piece of the core's payload text (an n-gram
+    enriched in the core's answers by at least `min_shared_text`, answer_text.payload_grams), wherever their answer
+    sketch lies. Trigger and payload in one sample are the association itself; a payload that differs per sample (one
+    of several phrasings around a URL drawn per sample) leaves some poisoned answers with no core member among their
+    nearest neighbours, but each still holds a piece of the payload. A trigger-bearing clean answer holds none."""
+    out = np.zeros(len(g.core), bool)
+    todo = np.flatnonzero(g.carriers & ~joined)
+    if answer_ids is None or not len(todo):
+        return out
+    grams = payload_grams(answer_ids, g.core, config.text_ngram, config.payload_piece)
+    out[todo] = pieces_held([answer_ids[i] for i in todo], grams, config.text_ngram) >= config.min_pieces
+    return out
 
 
 def _beyond_chance(core: np.ndarray, wide: Optional[np.ndarray], config: AssociationConfig) -> np.ndarray:
