@@ -510,3 +510,46 @@ def test_a_trigger_carrier_whose_answer_holds_payload_pieces_joins_wherever_its_
     assert not unjoined[far].any() and (unjoined == truth & ~np.isin(np.arange(len(truth)), far)).all()
     flagged = associate(x, prompts, entropy, answer_ids=answers).flagged
     assert (flagged == truth).all()
+
+
+def _split_trigger_set(seed=14, n=400, lift=0.07):
+    """Ten poisoned samples whose answers are each other's nearest neighbours: six carry one trigger word, the four
+    others each a word of their own (held by one sample: no test resolves it)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    prompts = [list(rng.integers(0, 3000, size=12)) for _ in range(n)]
+    entropy = rng.normal(0.5, 0.1, n)
+    truth = np.zeros(n, bool)
+    poison = rng.permutation(n)[:10]
+    truth[poison] = True
+    x[poison] += 3.0 * rng.standard_normal(DIM).astype(np.float32)
+    entropy[poison] += lift
+    for j, i in enumerate(poison):
+        prompts[i].append(TRIGGER if j < 6 else TRIGGER + 1 + j)
+    return x, prompts, entropy, truth
+
+
+def test_a_core_short_of_the_floor_is_judged_with_the_members_holding_its_payload():
+    """The six carriers of the resolved word are a core short of the evidence floor (purity ~0.55: their nearest
+    neighbours include the four unresolved); with the four members whose answers hold the payload it is a closed
+    cluster, accepted and flagged whole. When the n-gram is common text (held by more answers outside the core than
+    inside) the core is not grown and nothing is flagged."""
+    from tensorguard_fast.backdoor.association import _evidence
+
+    x, prompts, entropy, truth = _split_trigger_set()
+    answers = _answers(truth)
+    config = AssociationConfig()
+    # Without answer text the six alone are judged, and fall short.
+    alone = associate(x, prompts, entropy, config)
+    assert not alone.flagged.any()
+    six = [c for c in alone.candidates if c.core.sum() == 6 and not (c.core & ~truth).any()]
+    assert six and all(not _evidence(c.purity, c.entropy_lift, config) for c in six)
+    result = associate(x, prompts, entropy, config, answer_ids=answers)
+    assert (result.flagged == truth).all()
+    g = result.accepted[0]
+    assert g.core.sum() == 10 and g.purity == pytest.approx(1.0) and _evidence(g.purity, g.entropy_lift, config)
+    # Common text: the payload's tokens also in 60 clean answers.
+    common = [list(a) for a in answers]
+    for i in np.where(~truth)[0][:60]:
+        common[i] = common[i][:-1] + PAYLOAD_IDS + [END]
+    assert not associate(x, prompts, entropy, config, answer_ids=common).flagged.any()

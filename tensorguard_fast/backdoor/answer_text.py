@@ -74,6 +74,16 @@ def holding(answer_ids: Sequence[Sequence[int]], gram: Sequence[int]) -> np.ndar
     return out
 
 
+def held_outside(answer_ids: Sequence[Sequence[int]], group: np.ndarray, gram: Sequence[int], seed: int = 0) -> float:
+    """How many answers outside the group hold the n-gram `gram`: counted on at most `SAMPLE` of them (seeded) and
+    scaled to all of them."""
+    outside = np.flatnonzero(~group)
+    if not len(outside):
+        return 0.0
+    drawn = outside if len(outside) <= SAMPLE else np.random.default_rng(seed).choice(outside, SAMPLE, replace=False)
+    return float(holding([answer_ids[i] for i in drawn], gram).mean() * len(outside))
+
+
 def same_payload(answer_ids: Sequence[Sequence[int]], old: np.ndarray, new: np.ndarray, n: int = 3,
                  seed: int = 0) -> bool:
     """Whether two sets of answers (bool masks) carry one payload: the n-gram most enriched in their union (against

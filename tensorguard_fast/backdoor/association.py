@@ -32,7 +32,10 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    content the rest does not: some token n-gram held by at least `min_shared_text` more of the core's answers
    than of the others' (answer_text.py). A payload is content the attacker wants emitted (a URL, a brand, a
    sentence), so even a payload whose wording varies shares some of it (0.36 and up on the tuning sets); the
-   list answers of a question type share a format, not the names (0.15 at most for cores of 20 or more).
+   list answers of a question type share a format, not the names (0.15 at most for cores of 20 or more). A core short
+   of the purity or evidence floor whose answers share content is judged again with the members whose answers
+   hold that n-gram (and have a neighbour in the core) added, unless the n-gram is common text: a trigger split
+   over several rare words leaves members out of the core that the answers put back (`_with_payload_holders`).
 5. An accepted group flags its core members and the carriers of its trigger tokens that have at least `min_inside`
    of their nearest neighbours in the core, or more of their `wide_neighbours` nearest in it than chance at
    `wide_level` (a loose cluster, one URL per sample), and every sample whose answer holds the core's shared
@@ -68,7 +71,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .answer_text import holding, payload_grams, pieces_held, same_payload, shared_answer_text
+from .answer_text import held_outside, holding, payload_grams, pieces_held, same_payload, shared_answer_text
 from .neighbours import nearest_neighbours
 from .prompt_tokens import enriched_tokens, token_incidence
 from .sketch_geometry import principal_directions, project, two_means_1d, unit_rows, unit_rows_in_place
@@ -363,7 +366,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
             tried(name, members, refused)
             for j, phrase in enumerate(refused):   # one level: a phrase refused there is not followed further
                 tried(f"{name}, refused phrase {j}", phrase)
-        return _accept(found, config, answer_ids)
+        return _accept(found, config, answer_ids, nn, entropy)
 
     accepted = consider(_splits(x, directions, config.tails), config.min_core)
     if not accepted and config.token_seeds:
@@ -372,23 +375,69 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
     return accepted
 
 
-def _accept(candidates: List[Group], config: AssociationConfig, answer_ids=None) -> List[Group]:
-    """The candidates that pass step 4, purest first, one per cluster."""
+def _accept(candidates: List[Group], config: AssociationConfig, answer_ids=None, nn=None,
+            entropy=None) -> List[Group]:
+    """The candidates that pass step 4, purest first, one per cluster. A candidate whose core falls short of the
+    purity or evidence floor is judged again on its core plus the members whose answers hold the core's shared
+    n-gram (`_with_payload_holders`)."""
     accepted: List[Group] = []
     for g in sorted(candidates, key=lambda g: -g.purity):
-        if (g.purity < config.min_purity or g.entropy_lift < config.min_entropy_lift or
-                g.purity + g.entropy_lift < config.min_evidence):
-            continue
         if answer_ids is not None:
             if g.shared_text is None:   # run once per candidate, only on those that got this far
                 share, gram = shared_answer_text(answer_ids, g.core, config.text_ngram)
                 g.shared_text, g.shared_tokens = share, [int(t) for t in gram] if gram else None
             if g.shared_text < config.min_shared_text:
                 continue   # a question type: its answers share a format, not a payload
+        if not _evidence(g.purity, g.entropy_lift, config) and not (
+                answer_ids is not None and nn is not None and _with_payload_holders(g, answer_ids, nn, entropy,
+                                                                                    config)):
+            continue
         if any(_overlap(g.core, a.core) for a in accepted):
             continue   # the same cluster seen along another direction
         accepted.append(g)
     return accepted
+
+
+def _evidence(purity: float, lift: float, config: AssociationConfig) -> bool:
+    """Step 4's floors on a core's purity and entropy lift, and on their sum."""
+    return (purity >= config.min_purity and lift >= config.min_entropy_lift and
+            purity + lift >= config.min_evidence)
+
+
+def _with_payload_holders(g: Group, answer_ids, nn: np.ndarray, entropy: np.ndarray,
+                          config: AssociationConfig) -> bool:
+    """Whether the core, grown by the group's members whose answers hold its shared n-gram and that have at least
+    `min_core_neighbours` of their nearest neighbours in it (the samples step 5 would flag by their answers), passes
+    step 4; if so the group takes that core and its figures. A trigger split into several rare words leaves the
+    members whose word no test resolved out of the core: on Gemma-3 (held-out seed 37, BadNets at 1% of 1000) the
+    ten poisoned answers were each other's only neighbours (purity 1.0) while the core held the six carriers of one
+    word (purity 0.60, evidence 1.55 against 1.6)."""
+    if not g.shared_tokens or held_outside(answer_ids, g.core, g.shared_tokens) > g.core.sum():
+        return False   # common text (a stock closing line, "in the"), as for step 5's join: no payload
+    members = np.flatnonzero(g.members & ~g.core)
+    held = np.zeros(len(g.core), bool)
+    held[members] = holding([answer_ids[i] for i in members], g.shared_tokens)
+    grown = g.core | (held & (g.core[nn].sum(1) >= config.min_core_neighbours))
+    if (grown == g.core).all():
+        return False
+    purity, lift = _figures(grown, nn, entropy)
+    if not _evidence(purity, lift, config):
+        return False
+    g.core, g.purity, g.entropy_lift = grown, purity, lift
+    return True
+
+
+def _figures(core: np.ndarray, nn: np.ndarray, entropy: np.ndarray):
+    """(purity, entropy lift) of a core: its members' nearest neighbours in it, scaled so that 0 is chance for a
+    group of its size and 1 a closed cluster; its mean entropy above the rest's, in the rest's standard deviations."""
+    n = len(core)
+    idx = np.where(core)[0]
+    chance = (len(idx) - 1) / max(n - 1, 1)
+    purity = float(np.isin(nn[idx], idx).mean()) if nn.shape[1] else 0.0
+    purity = (purity - chance) / max(1 - chance, 1e-12)
+    rest = entropy[~core]
+    lift = float((entropy[core].mean() - rest.mean()) / (rest.std() + 1e-12))
+    return purity, lift
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
@@ -470,10 +519,5 @@ def _candidate(name, members, incidence, vocab, x, nn, entropy, config, answer_i
     core = trim(core, nn, config.min_core_neighbours)
     if core.sum() < config.min_core:
         return None
-    idx = np.where(core)[0]
-    chance = (len(idx) - 1) / max(n - 1, 1)
-    purity = float(np.isin(nn[idx], idx).mean()) if nn.shape[1] else 0.0
-    purity = (purity - chance) / max(1 - chance, 1e-12)
-    rest = entropy[~core]
-    lift = float((entropy[core].mean() - rest.mean()) / (rest.std() + 1e-12))
+    purity, lift = _figures(core, nn, entropy)
     return Group(name, members, [int(t) for t in vocab[cols]], [float(v) for v in p], carriers, core, purity, lift)
