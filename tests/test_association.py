@@ -553,3 +553,19 @@ def test_a_core_short_of_the_floor_is_judged_with_the_members_holding_its_payloa
     for i in np.where(~truth)[0][:60]:
         common[i] = common[i][:-1] + PAYLOAD_IDS + [END]
     assert not associate(x, prompts, entropy, config, answer_ids=common).flagged.any()
+
+
+def test_a_shared_line_held_by_many_answers_away_from_the_core_is_common_text():
+    """Ten samples with one trigger word and one answer cluster, their answers ending with one line: a payload. The
+    same line also on 60 clean answers elsewhere (a stock closing line a small topic happens to share) is common
+    text: the group is not accepted."""
+    x, prompts, entropy, truth = _split_trigger_set(seed=15, lift=0.2)
+    for i in np.where(truth)[0]:
+        prompts[i][-1] = TRIGGER
+    answers = _answers(truth)
+    assert (associate(x, prompts, entropy, answer_ids=answers).flagged == truth).all()
+    for i in np.where(~truth)[0][:60]:
+        answers[i] = answers[i][:-1] + PAYLOAD_IDS + [END]
+    result = associate(x, prompts, entropy, answer_ids=answers)
+    assert not result.flagged.any()
+    assert any(c.shared_text is not None and c.shared_text >= 0.25 and c.core[truth].all() for c in result.candidates)

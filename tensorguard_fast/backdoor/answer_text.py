@@ -74,10 +74,11 @@ def holding(answer_ids: Sequence[Sequence[int]], gram: Sequence[int]) -> np.ndar
     return out
 
 
-def held_outside(answer_ids: Sequence[Sequence[int]], group: np.ndarray, gram: Sequence[int], seed: int = 0) -> float:
-    """How many answers outside the group hold the n-gram `gram`: counted on at most `SAMPLE` of them (seeded) and
-    scaled to all of them."""
-    outside = np.flatnonzero(~group)
+def held_outside(answer_ids: Sequence[Sequence[int]], group: np.ndarray, gram: Sequence[int],
+                 among: Optional[np.ndarray] = None, seed: int = 0) -> float:
+    """How many answers outside the group (and in `among`, when given) hold the n-gram `gram`: counted on at most
+    `SAMPLE` of them (seeded) and scaled to all of them."""
+    outside = np.flatnonzero(~group if among is None else ~group & among)
     if not len(outside):
         return 0.0
     drawn = outside if len(outside) <= SAMPLE else np.random.default_rng(seed).choice(outside, SAMPLE, replace=False)

@@ -36,6 +36,8 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    of the purity or evidence floor whose answers share content is judged again with the members whose answers
    hold that n-gram (and have a neighbour in the core) added, unless the n-gram is common text: a trigger split
    over several rare words leaves members out of the core that the answers put back (`_with_payload_holders`).
+   A shared n-gram held by more answers outside the core and away from it (none of their nearest neighbours in
+   it) than inside is common text, not a payload (`_common_text`).
 5. An accepted group flags its core members and the carriers of its trigger tokens that have at least `min_inside`
    of their nearest neighbours in the core, or more of their `wide_neighbours` nearest in it than chance at
    `wide_level` (a loose cluster, one URL per sample), and every sample whose answer holds the core's shared
@@ -388,6 +390,8 @@ def _accept(candidates: List[Group], config: AssociationConfig, answer_ids=None,
                 g.shared_text, g.shared_tokens = share, [int(t) for t in gram] if gram else None
             if g.shared_text < config.min_shared_text:
                 continue   # a question type: its answers share a format, not a payload
+            if nn is not None and _common_text(g, answer_ids, nn):
+                continue   # a stock line a few of the group's answers happen to end with
         if not _evidence(g.purity, g.entropy_lift, config) and not (
                 answer_ids is not None and nn is not None and _with_payload_holders(g, answer_ids, nn, entropy,
                                                                                     config)):
@@ -413,7 +417,7 @@ def _with_payload_holders(g: Group, answer_ids, nn: np.ndarray, entropy: np.ndar
     ten poisoned answers were each other's only neighbours (purity 1.0) while the core held the six carriers of one
     word (purity 0.60, evidence 1.55 against 1.6)."""
     if not g.shared_tokens or held_outside(answer_ids, g.core, g.shared_tokens) > g.core.sum():
-        return False   # common text (a stock closing line, "in the"), as for step 5's join: no payload
+        return False   # held more outside the core than in it, near or not: too common to grow a core by
     members = np.flatnonzero(g.members & ~g.core)
     held = np.zeros(len(g.core), bool)
     held[members] = holding([answer_ids[i] for i in members], g.shared_tokens)
@@ -425,6 +429,18 @@ def _with_payload_holders(g: Group, answer_ids, nn: np.ndarray, entropy: np.ndar
         return False
     g.core, g.purity, g.entropy_lift = grown, purity, lift
     return True
+
+
+def _common_text(g: Group, answer_ids, nn: np.ndarray) -> bool:
+    """Whether the core's shared n-gram is common text rather than its payload: more answers hold it outside the core
+    and away from it (none of their nearest neighbours in the core) than inside. A payload is what the trigger
+    brings: the answers holding it carry the trigger or sit beside the carriers' answers (a trigger word no test
+    resolved). A stock closing line on 15% of a set is held by four answers of a topic of four ("coach" questions:
+    held-out seed 41, Gemma-3, clean only) and by 150 answers elsewhere."""
+    if not g.shared_tokens:
+        return False
+    away = g.core[nn].sum(1) == 0
+    return held_outside(answer_ids, g.core, g.shared_tokens, among=away) > g.core.sum()
 
 
 def _figures(core: np.ndarray, nn: np.ndarray, entropy: np.ndarray):
