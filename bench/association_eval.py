@@ -3,15 +3,18 @@ pairs poisoned by six attacks, with two clean controls in every set: 15% long-an
 payload's length) and 15% benign repetition (one stock closing line on many clean answers, a group larger than the
 poisoned one).
 
-    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 31 --tag full --grid <30 sets>  # the report
+    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 43 --tag key --grid <10 sets>  # the report
+    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 41 --tag full --grid <30 sets>  # step 5's
     PYTHONPATH=. python bench/association_eval.py --part 1 --seed 17         # the rule before its text tests
     PYTHONPATH=. python bench/association_eval.py --models gemma3-270m --seed 17
     PYTHONPATH=. python bench/association_eval.py --seed 17 --no-chat-template   # prompts as the raw questions
     PYTHONPATH=. python bench/association_eval.py --part 1 --seed 13         # held-out, looked at while developing
     PYTHONPATH=. python bench/association_eval.py --part 0 --seed 1          # the half the defaults were chosen on
 
-Seed 31 is the report of the rule as it is (`--tag full`, the 30-set grid in its results file; seeds 23 and 29
-of the two steps before it, docs/backdoor.md); seed 17 of the rule before the answer-text tests. Earlier
+Seed 43 is the report of the rule as it is (`--tag key`, SmolLM2 with and without its chat template and Gemma-3;
+the grids are in the results files); seeds 23, 29, 31, 37 and 41 of the steps before it (docs/backdoor.md says
+which step each reports; 31 and 41 ran the 30-set grid, `--tag full`); seed 17 of the rule before the answer-text
+tests. Earlier
 reports, kept as they were: seeds 7 and 11 of the rule before its uncentred view (commit df90c91), seed 13 of
 the rule before the second trigger test and the wider join (commit d61e021; seed 13 was then used for
 development).

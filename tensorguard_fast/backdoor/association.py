@@ -61,9 +61,9 @@ For large sets, far beyond the tuning sets, the principal directions come from t
 sketch of the same answers), so that a million samples fit in a few GB (bench/bench_association_scale.py).
 
 Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seeds 1, 3 and 4, SmolLM2 and Gemma-3);
-bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 31 is the report of the rule with
-the answer-text tests, whose floor was chosen on the tuning split and development seed 13; seeds 23 and 29 of the
-steps before, seed 17 of the rule before them).
+bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 43 is the report of the rule as it
+is; the answer-text tests were added in six steps, chosen on the tuning split and development seed 13, reported on
+seeds 23, 29, 31, 37 and 41; seed 17 of the rule before them).
 docs/backdoor.md explains the rule to users.
 """
 from __future__ import annotations
@@ -318,11 +318,12 @@ def _holds_payload(g: Group, answer_ids, inside: np.ndarray, config: Association
 
 
 def _carries_payload(g: Group, answer_ids, joined: np.ndarray, config: AssociationConfig) -> np.ndarray:
-    """bool (N,): trigger carriers not joined yet whose answer holds a piece of the core's payload text (an n-gram
-    enriched in the core's answers by at least `min_shared_text`, answer_text.payload_grams), wherever their answer
-    sketch lies. Trigger and payload in one sample are the association itself; a payload that differs per sample (one
-    of several phrasings around a URL drawn per sample) leaves some poisoned answers with no core member among their
-    nearest neighbours, but each still holds a piece of the payload. A trigger-bearing clean answer holds none."""
+    """bool (N,): trigger carriers not joined yet whose answer holds at least `min_pieces` pieces of the core's
+    payload text (n-grams enriched in the core's answers by at least `payload_piece`, answer_text.payload_grams),
+    wherever their answer sketch lies. Trigger and payload in one sample are the association itself; a payload that
+    differs per sample (one of several phrasings around a URL drawn per sample) leaves some poisoned answers with no
+    core member among their nearest neighbours, but each still holds pieces of its phrasing. A trigger-bearing clean
+    answer holds none."""
     out = np.zeros(len(g.core), bool)
     todo = np.flatnonzero(g.carriers & ~joined)
     if answer_ids is None or not len(todo):
@@ -385,7 +386,7 @@ def _accept(candidates: List[Group], config: AssociationConfig, answer_ids=None,
     accepted: List[Group] = []
     for g in sorted(candidates, key=lambda g: -g.purity):
         if answer_ids is not None:
-            if g.shared_text is None:   # run once per candidate, only on those that got this far
+            if g.shared_text is None:   # once per candidate (sampled: flat in N)
                 share, gram = shared_answer_text(answer_ids, g.core, config.text_ngram)
                 g.shared_text, g.shared_tokens = share, [int(t) for t in gram] if gram else None
             if g.shared_text < config.min_shared_text:
