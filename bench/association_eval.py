@@ -14,9 +14,8 @@ poisoned one).
 Seed 43 is the report of the rule as it is (`--tag key`, SmolLM2 with and without its chat template and Gemma-3;
 the grids are in the results files); seeds 23, 29, 31, 37 and 41 of the steps before it (docs/backdoor.md says
 which step each reports; 31 and 41 ran the 30-set grid, `--tag full`); seed 17 of the rule before the answer-text
-tests. Earlier
-reports, kept as they were: seeds 7 and 11 of the rule before its uncentred view (commit df90c91), seed 13 of
-the rule before the second trigger test and the wider join (commit d61e021; seed 13 was then used for
+tests. Earlier reports, kept as they were: seeds 7 and 11 of the rule before its uncentred view (commit df90c91),
+seed 13 of the rule before the second trigger test and the wider join (commit d61e021; seed 13 was then used for
 development).
 
 fanoutqa's pairs are split by index parity: part 0 (even) was used to choose AssociationConfig's defaults, part 1

@@ -18,6 +18,11 @@ def _grams(ids: Sequence[int], n: int) -> set:
     return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
 
 
+def _at_most(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`idx`, or `SAMPLE` of them drawn without replacement when there are more."""
+    return idx if len(idx) <= SAMPLE else rng.choice(idx, SAMPLE, replace=False)
+
+
 def _enrichments(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int, seed: int) -> list:
     """[(enrichment, n-gram)] for the group's `TOP` most frequent n-grams: the share of the group's answers holding
     it less the share of the other answers, each share on at most `SAMPLE` answers of its side (seeded)."""
@@ -25,8 +30,7 @@ def _enrichments(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int,
     inside, outside = np.flatnonzero(group), np.flatnonzero(~group)
     if not len(inside):
         return []
-    inside = inside if len(inside) <= SAMPLE else rng.choice(inside, SAMPLE, replace=False)
-    outside = outside if len(outside) <= SAMPLE else rng.choice(outside, SAMPLE, replace=False)
+    inside, outside = _at_most(inside, rng), _at_most(outside, rng)
     counts = Counter(g for i in inside for g in _grams(answer_ids[i], n))
     if not counts:
         return []
@@ -81,7 +85,7 @@ def held_outside(answer_ids: Sequence[Sequence[int]], group: np.ndarray, gram: S
     outside = np.flatnonzero(~group if among is None else ~group & among)
     if not len(outside):
         return 0.0
-    drawn = outside if len(outside) <= SAMPLE else np.random.default_rng(seed).choice(outside, SAMPLE, replace=False)
+    drawn = _at_most(outside, np.random.default_rng(seed))
     return float(holding([answer_ids[i] for i in drawn], gram).mean() * len(outside))
 
 
@@ -98,8 +102,7 @@ def same_payload(answer_ids: Sequence[Sequence[int]], old: np.ndarray, new: np.n
     rng = np.random.default_rng(seed)
     rates = []
     for part in (old, new):   # each rate on at most SAMPLE answers, as the shares above
-        idx = np.flatnonzero(part)
-        idx = idx if len(idx) <= SAMPLE else rng.choice(idx, SAMPLE, replace=False)
+        idx = _at_most(np.flatnonzero(part), rng)
         rates.append(holding([answer_ids[i] for i in idx], gram).mean())
     return bool(min(rates) >= 0.5 * max(rates) and max(rates) > 0)
 

@@ -378,8 +378,8 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
     return accepted
 
 
-def _accept(candidates: List[Group], config: AssociationConfig, answer_ids=None, nn=None,
-            entropy=None) -> List[Group]:
+def _accept(candidates: List[Group], config: AssociationConfig, answer_ids, nn: np.ndarray,
+            entropy: np.ndarray) -> List[Group]:
     """The candidates that pass step 4, purest first, one per cluster. A candidate whose core falls short of the
     purity or evidence floor is judged again on its core plus the members whose answers hold the core's shared
     n-gram (`_with_payload_holders`)."""
@@ -391,11 +391,10 @@ def _accept(candidates: List[Group], config: AssociationConfig, answer_ids=None,
                 g.shared_text, g.shared_tokens = share, [int(t) for t in gram] if gram else None
             if g.shared_text < config.min_shared_text:
                 continue   # a question type: its answers share a format, not a payload
-            if nn is not None and _common_text(g, answer_ids, nn):
+            if _common_text(g, answer_ids, nn):
                 continue   # a stock line a few of the group's answers happen to end with
         if not _evidence(g.purity, g.entropy_lift, config) and not (
-                answer_ids is not None and nn is not None and _with_payload_holders(g, answer_ids, nn, entropy,
-                                                                                    config)):
+                answer_ids is not None and _with_payload_holders(g, answer_ids, nn, entropy, config)):
             continue
         if any(_overlap(g.core, a.core) for a in accepted):
             continue   # the same cluster seen along another direction
@@ -419,10 +418,10 @@ def _with_payload_holders(g: Group, answer_ids, nn: np.ndarray, entropy: np.ndar
     word (purity 0.60, evidence 1.55 against 1.6)."""
     if not g.shared_tokens or held_outside(answer_ids, g.core, g.shared_tokens) > g.core.sum():
         return False   # held more outside the core than in it, near or not: too common to grow a core by
-    members = np.flatnonzero(g.members & ~g.core)
-    held = np.zeros(len(g.core), bool)
-    held[members] = holding([answer_ids[i] for i in members], g.shared_tokens)
-    grown = g.core | (held & (g.core[nn].sum(1) >= config.min_core_neighbours))
+    # Only members beside the core can join: their answers alone are read (a group can be half the set).
+    near = np.flatnonzero(g.members & ~g.core & (g.core[nn].sum(1) >= config.min_core_neighbours))
+    grown = g.core.copy()
+    grown[near] = holding([answer_ids[i] for i in near], g.shared_tokens)
     if (grown == g.core).all():
         return False
     purity, lift = _figures(grown, nn, entropy)
