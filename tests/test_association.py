@@ -409,6 +409,30 @@ def test_shared_answer_text_is_the_enrichment_of_the_best_ngram():
     assert shared_answer_text(answers, np.zeros(300, bool)) == (0.0, None)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_ngram_holders_are_those_of_the_per_answer_sets(seed):
+    """answer_text's vectorised n-gram matching (one integer code per position) against the definition: the set
+    of each answer's n-grams. Lists and int32 arrays, empty and short answers, n-grams that would span two answers
+    (they must not match), ids too large for the codes (the per-answer path takes over)."""
+    from tensorguard_fast.backdoor.answer_text import _grams, holding, pieces_held
+
+    rng = np.random.default_rng(seed)
+    vocab = [4, 40, 3_000_000][seed % 3]   # 3M: 3 ids of 22 bits no longer fit one int64 code
+    answers = [list(rng.integers(0, vocab, size=rng.integers(0, 9))) for _ in range(60)]
+    if seed % 2:
+        answers = [np.asarray(a, dtype=np.int64 if vocab > 2**31 else np.int32) for a in answers]
+    n = 1 + seed % 3
+    grams = {tuple(int(t) for t in rng.integers(0, vocab, size=n)) for _ in range(5)}
+    grams |= {tuple(int(t) for t in a[:n]) for a in answers[:20] if len(a) >= n}
+    flat = [int(t) for a in answers for t in a]
+    grams |= {tuple(flat[i:i + n]) for i in range(0, max(len(flat) - n, 0), 7)}   # some span two answers
+    sets = [_grams([int(t) for t in a], n) for a in answers]
+    assert pieces_held(answers, grams, n).tolist() == [len(grams & s) for s in sets]
+    for gram in sorted(grams)[:8]:
+        assert holding(answers, gram).tolist() == [gram in s for s in sets]
+    assert pieces_held([], grams, n).tolist() == [] and not holding([[], [1]], (1, 2)).any()
+
+
 def test_a_trigger_with_a_shared_answer_direction_but_no_shared_text_is_a_topic():
     """The planted cluster passes every other test; with its answers' text given, it is accepted only when the
     answers share the payload's tokens (a question type shares a format, not content)."""

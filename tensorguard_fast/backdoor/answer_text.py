@@ -18,6 +18,43 @@ def _grams(ids: Sequence[int], n: int) -> set:
     return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
 
 
+def _held_pairs(answers: Sequence[Sequence[int]], grams: Sequence[tuple], n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(answer, gram) index pairs, each once, for every n-gram of `grams` that an answer of `answers` holds.
+
+    Vectorised: each n-gram position of the concatenated answers gets one integer code (the ids as digits in base
+    max id + 1), matched against the grams' codes; the Python loops it replaces (a set per answer) were the rule's
+    largest cost at 50,000 samples and more, where they run on every sampled side of every candidate."""
+    empty = np.zeros(0, np.int64)
+    if not len(answers) or not len(grams):
+        return empty, empty
+    lengths = np.fromiter((len(a) for a in answers), np.int64, len(answers))
+    flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in answers]) if lengths.sum() else empty
+    wanted = np.asarray(grams, dtype=np.int64).reshape(len(grams), n)
+    base = int(max(flat.max(initial=0), wanted.max(initial=0))) + 1
+    if len(flat) < n or base ** n >= 2 ** 63 or (wanted < 0).any() or (flat < 0).any():
+        return _held_pairs_slow(answers, grams, n)
+    codes, gram_codes = np.zeros(len(flat) - n + 1, np.int64), np.zeros(len(grams), np.int64)
+    for k in range(n):
+        codes = codes * base + flat[k:len(flat) - n + 1 + k]
+        gram_codes = gram_codes * base + wanted[:, k]
+    owner = np.repeat(np.arange(len(answers)), lengths)[:len(codes)]
+    ends = np.cumsum(lengths)
+    whole = ends[owner] - np.arange(len(codes)) >= n   # the n-gram lies inside one answer
+    order = np.argsort(gram_codes, kind="stable")
+    at = np.searchsorted(gram_codes[order], codes)
+    at = np.minimum(at, len(order) - 1)
+    hit = whole & (gram_codes[order][at] == codes)
+    pairs = np.unique(np.stack([owner[hit], order[at[hit]]], 1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _held_pairs_slow(answers, grams, n):
+    index = {tuple(int(t) for t in g): j for j, g in enumerate(grams)}
+    pairs = [(i, index[g]) for i, a in enumerate(answers) for g in _grams([int(t) for t in a], n) if g in index]
+    pairs = np.array(sorted(set(pairs)), dtype=np.int64).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
 def _at_most(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`idx`, or `SAMPLE` of them drawn without replacement when there are more."""
     return idx if len(idx) <= SAMPLE else rng.choice(idx, SAMPLE, replace=False)
@@ -34,9 +71,10 @@ def _enrichments(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int,
     counts = Counter(g for i in inside for g in _grams(answer_ids[i], n))
     if not counts:
         return []
-    rest = [_grams(answer_ids[i], n) for i in outside]
-    return [(count / len(inside) - (sum(gram in grams for grams in rest) / len(rest) if rest else 0.0), gram)
-            for gram, count in counts.most_common(TOP)]
+    top = counts.most_common(TOP)
+    _, which = _held_pairs([answer_ids[i] for i in outside], [gram for gram, _ in top], n)
+    rest = np.bincount(which, minlength=len(top)) / len(outside) if len(outside) else np.zeros(len(top))
+    return [(count / len(inside) - float(share), gram) for (gram, count), share in zip(top, rest)]
 
 
 def shared_answer_text(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int = 3,
@@ -62,19 +100,16 @@ def payload_grams(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int
 
 def pieces_held(answer_ids: Sequence[Sequence[int]], grams: set, n: int = 3) -> np.ndarray:
     """int (N,): how many of the n-grams `grams` each answer holds."""
-    return np.array([len(grams & _grams(ids, n)) if grams else 0 for ids in answer_ids], dtype=np.int64)
+    who, _ = _held_pairs(answer_ids, sorted(grams), n)
+    return np.bincount(who, minlength=len(answer_ids)).astype(np.int64)
 
 
 def holding(answer_ids: Sequence[Sequence[int]], gram: Sequence[int]) -> np.ndarray:
     """bool (N,): which answers hold the token sequence `gram` (a cluster's shared n-gram) anywhere."""
     gram = tuple(int(t) for t in gram)
-    n, first = len(gram), gram[0] if gram else None
     out = np.zeros(len(answer_ids), bool)
-    if not n:
-        return out
-    for i, ids in enumerate(answer_ids):
-        ids = list(ids)
-        out[i] = any(ids[j] == first and tuple(ids[j:j + n]) == gram for j in range(len(ids) - n + 1))
+    if gram:
+        out[_held_pairs(answer_ids, [gram], len(gram))[0]] = True
     return out
 
 
