@@ -112,8 +112,8 @@ Sums chunk_sums(const void* data, int64_t begin, int64_t len, double c) {
   }
 #endif
 #ifdef TGF_HAVE_AVX2_F32_PATH
-  if constexpr (DT == BF16 || DT == F16) {
-    if (isa == ISA_AVX2) {   // the same float32 blocks and retry as on AVX-512; else the portable float64 loop
+  if constexpr (DT != F64) {
+    if (isa == ISA_AVX2) {   // the same float32 blocks and retry as on AVX-512, fp32 included (below)
       ChunkSums a;
       if (f32_blocks_with_retry(
               [&](double shift, ChunkSums& out, double& retry) {
@@ -121,11 +121,11 @@ Sums chunk_sums(const void* data, int64_t begin, int64_t len, double c) {
               },
               c, a))
         return a;
+      // fp32 where the blocks cannot vouch: the float64 body; then (a NaN/Inf) the portable loop, as bf16/fp16
+      if constexpr (DT == F32) {
+        if (chunk_f64_avx2(static_cast<const float*>(data), begin, len, c, a)) return a;
+      }
     }
-  }
-  if constexpr (DT == F32) {
-    ChunkSums a;
-    if (isa == ISA_AVX2 && chunk_f64_avx2(static_cast<const float*>(data), begin, len, c, a)) return a;
   }
 #endif
   return isa == ISA_DEFAULT ? chunk_portable_default<DT>(data, begin, len, c)

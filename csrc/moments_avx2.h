@@ -1,9 +1,11 @@
 // AVX2 bodies of moments' chunk reduction, for CPUs without AVX-512 (moments_avx512.h has the wider twins):
-//  - chunk_f32acc_avx2 (bf16, fp16): power sums of d = x - c in float32 blocks added into float64 totals, with the
-//    same refusals as on AVX-512 (the caller then retries about the chunk mean, or falls back to the portable
-//    float64 loop). Two sets of 8 lanes per 16 values, flushed every kFlush2 steps, so each lane sums at most 8
-//    terms in float32 before a flush, as on AVX-512: the error bound derived in tests/test_moments.py holds.
-//  - chunk_f64_avx2 (fp32): float64 accumulation without a per-element finiteness test.
+//  - chunk_f32acc_avx2 (bf16, fp16, fp32): power sums of d = x - c in float32 blocks added into float64 totals,
+//    with the same refusals as on AVX-512 (the caller then retries about the chunk mean, or falls back to a float64
+//    body). Two sets of 8 lanes per 16 values, added together and flushed every kFlush2 steps: each lane's float32
+//    sum takes 7 roundings, as on AVX-512, so the error bound derived in tests/test_moments.py holds.
+//    fp32 takes it too on AVX2: about 11 vector operations per 8 values against 21 for the float64 body; on this
+//    2-core Zen 3 VM that (with the read-ahead below) moved fp32 from 1.9x one torch.sum to 1.2x (README).
+//  - chunk_f64_avx2 (fp32 where the blocks refuse): float64 accumulation without a per-element finiteness test.
 // Without them every dtype went through the portable float64 loop: fp32 3-4.6x and bf16 7-11x one torch.sum on the
 // 2-core AVX2 machine (4 float64 lanes, a finiteness test, a blend and a count per element).
 #pragma once
@@ -22,11 +24,19 @@
 
 namespace tgf {
 
-constexpr int kFlush2 = 8;  // 16-value steps per float32 block: each of the 2 x 8 lanes sums at most 8 terms
+// 16-value steps per float32 block: each of the 2 x 8 lanes sums at most 7 terms, and the two sets are added in
+// float32 before they are widened (flush_pair): 6 + 6 + 1 roundings in a lane's sum of 14 terms, the 7 of one sum of
+// 8 terms, so the bound derived in tests/test_moments.py is unchanged, with half the widenings of flushing each set.
+constexpr int kFlush2 = 7;
+// Read 1 KB ahead: without it the loads' misses did not overlap the arithmetic (fp32 1.3-1.5x one torch.sum, with
+// it 1.1-1.3x; 512 and 2048 bytes measured no better, bench/bench_moments.py). A prefetch never faults, so one
+// past the end of the data is harmless.
+constexpr int64_t kPrefetchBytes = 1024;
 
-// 8 values at i as float32 (DT 1: bf16, 2: fp16).
+// 8 values at i as float32 (DT 0: fp32, 1: bf16, 2: fp16).
 template <int DT>
 TGF_TARGET_AVX2 TGF_ALWAYS_INLINE __m256 load8(const void* p, int64_t i) {
+  if constexpr (DT == 0) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
   if constexpr (DT == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   return _mm256_cvtph_ps(h);
@@ -71,12 +81,19 @@ struct Avx2AccF32 {
     f = _mm256_setzero_ps();
   }
 
-  TGF_TARGET_AVX2 TGF_ALWAYS_INLINE void flush() {
-    flush1(f1, d1);
-    flush1(f2, d2);
-    flush1(f3, d3);
-    flush1(f4, d4);
-    flush1(fl, dl);
+  // b's float32 sums added into a's, then a's widened into its float64 totals; both sets start again from zero
+  TGF_TARGET_AVX2 TGF_ALWAYS_INLINE static void flush_pair(Avx2AccF32& a, Avx2AccF32& b) {
+    a.f1 = _mm256_add_ps(a.f1, b.f1);
+    a.f2 = _mm256_add_ps(a.f2, b.f2);
+    a.f3 = _mm256_add_ps(a.f3, b.f3);
+    a.f4 = _mm256_add_ps(a.f4, b.f4);
+    a.fl = _mm256_add_ps(a.fl, b.fl);
+    b.f1 = b.f2 = b.f3 = b.f4 = b.fl = _mm256_setzero_ps();
+    flush1(a.f1, a.d1);
+    flush1(a.f2, a.d2);
+    flush1(a.f3, a.d3);
+    flush1(a.f4, a.d4);
+    flush1(a.fl, a.dl);
   }
 };
 
@@ -90,11 +107,11 @@ TGF_TARGET_AVX2 bool chunk_f32acc_avx2(const void* data, int64_t begin, int64_t 
   while (i + 16 <= len) {
     const int64_t stop = std::min<int64_t>(len - 15, i + 16 * kFlush2);
     for (; i < stop; i += 16) {
+      _mm_prefetch(static_cast<const char*>(data) + (begin + i) * (DT == 0 ? 4 : 2) + kPrefetchBytes, _MM_HINT_T0);
       a.step(load8<DT>(data, begin + i));
       b.step(load8<DT>(data, begin + i + 8));
     }
-    a.flush();
-    b.flush();
+    Avx2AccF32::flush_pair(a, b);
   }
   int64_t pad = 0;
   if (i < len) {   // the last < 16 values, padded with the shift (adds 0 to s1..s4, |c| to l1: taken back below)
@@ -102,21 +119,24 @@ TGF_TARGET_AVX2 bool chunk_f32acc_avx2(const void* data, int64_t begin, int64_t 
     const int64_t rem = len - i;
     for (int k = 0; k < 16; ++k) tail[k] = cf;
     for (int64_t k = 0; k < rem; ++k) {
-      const uint16_t h = static_cast<const uint16_t*>(data)[begin + i + k];
-      tail[k] = DT == 1 ? bf16_to_float(h) : f16_to_float(h);
+      if constexpr (DT == 0) {
+        tail[k] = static_cast<const float*>(data)[begin + i + k];
+      } else {
+        const uint16_t h = static_cast<const uint16_t*>(data)[begin + i + k];
+        tail[k] = DT == 1 ? bf16_to_float(h) : f16_to_float(h);
+      }
     }
     a.step(_mm256_load_ps(tail));
     b.step(_mm256_load_ps(tail + 8));
-    a.flush();
-    b.flush();
+    Avx2AccF32::flush_pair(a, b);
     pad = 16 - rem;
   }
   out.c = cf;
-  out.s1 = hsum(_mm256_add_pd(a.d1, b.d1));
-  out.s2 = hsum(_mm256_add_pd(a.d2, b.d2));
-  out.s3 = hsum(_mm256_add_pd(a.d3, b.d3));
-  out.s4 = hsum(_mm256_add_pd(a.d4, b.d4));
-  out.l1 = hsum(_mm256_add_pd(a.dl, b.dl)) - static_cast<double>(pad) * std::fabs(static_cast<double>(cf));
+  out.s1 = hsum(a.d1);
+  out.s2 = hsum(a.d2);
+  out.s3 = hsum(a.d3);
+  out.s4 = hsum(a.d4);
+  out.l1 = hsum(a.dl) - static_cast<double>(pad) * std::fabs(static_cast<double>(cf));
   out.bad = 0;
   alignas(32) float lo[8], hi[8];
   _mm256_store_ps(lo, _mm256_min_ps(a.mn, b.mn));

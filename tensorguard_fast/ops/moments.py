@@ -29,8 +29,10 @@ def _check(x: torch.Tensor, op: str) -> torch.Tensor:
 def moments(x: torch.Tensor, backend: Optional[str] = None) -> Moments:
     """Moments of all elements of `x` (any shape, any length including 0) in one read.
 
-    Formula: per chunk, mean then central sums of d^2, d^3, d^4 (exact two-pass on cached data); chunks merged by
-    the pairwise update of Chan et al. (M2) and Terriberry (M3, M4). Matches `reference.moments` (float64).
+    Formula: per chunk, power sums of d = x - c about a shift c near the mean, turned into central sums; chunks
+    merged by the pairwise update of Chan et al. (M2) and Terriberry (M3, M4). Matches `reference.moments`
+    (float64) within 1e-6 relative where chunks are summed in float32 blocks on CPU (bf16/fp16, and fp32 on AVX2
+    CPUs), within 1e-10 otherwise; on GPUs within 4e-6 (docs/methods.md section 6).
     """
     x = _check(x, "moments")
     chosen = _backend.choose("moments", x.device, backend)
@@ -107,10 +109,12 @@ def rank1_moments(u: torch.Tensor, x: torch.Tensor, backend: Optional[str] = Non
 
     sum_ij (u_i x_j)^p = (sum_i u_i^p)(sum_j x_j^p) for p = 1..4, and sum |u_i x_j| = (sum |u_i|)(sum |x_j|): each
     product needs the moments of its two factors only, O(m + n). The factors are reduced by `moments` (on CPU one
-    call into the C++ kernel for all 2B rows, float64 accumulation; elsewhere the float64 reference), their power
+    call into the C++ kernel for all 2B rows; elsewhere the float64 reference), their power
     sums recovered from the central sums, and the products finished by `stats.from_power_sums` (float64; fine for
     gradients, |mean| << std). Statistics over the pairs of finite u_i and x_j; `nonfinite` counts the other pairs.
-    bf16/fp16 factors are upcast to float32 first (exact), so the factor moments carry float64 accuracy.
+    Factors are upcast to float64 first (exact; O(m + n), small beside forming W X^T): the moments kernel sums
+    float32 rows in float32 blocks on AVX2 (error ~1e-7, docs/methods.md section 6), and recovering raw power sums
+    from central ones needs the factor moments at float64 accuracy.
     """
     u = _check(u, "rank1_moments")
     x = _check(x, "rank1_moments")
@@ -120,8 +124,7 @@ def rank1_moments(u: torch.Tensor, x: torch.Tensor, backend: Optional[str] = Non
     if u.device != x.device:
         raise ValueError(f"rank1_moments: U on {u.device}, X on {x.device}")
     chosen = _backend.choose("outer_moments", u.device, backend)
-    wide = (torch.float32, torch.float64)
-    rows = [r if r.dtype in wide else r.float() for r in (*u, *x)]
+    rows = [r.double() for r in (*u, *x)]
     if chosen == "cpp":
         factors = _cpp_moments(rows)
     else:  # the reference reduces in float64 on the tensor's device; Triton's float32 blocks are not exact enough
