@@ -362,6 +362,22 @@ def test_tail_probabilities_once_per_distinct_pair_equal_scipy():
     assert _hypergeom_sf(k[:0], 400, df[:0], 60).shape == (0,)
 
 
+@pytest.mark.parametrize("n,g", [(400, 360), (400, 3), (1000, 2), (1000, 999), (50_000, 2_500), (1_000_000, 50_000)])
+def test_best_p_value_of_a_column_is_scipys_extreme_tail(n, g):
+    """Tarone's smallest reachable p-value, in closed form from log-gamma, against scipy's hypergeometric tail at
+    k = min(df, g) - 1. Log-gamma of 10^6 is ~1.3e7, so float64 leaves ~1e-9 relative in the exponent's result:
+    1e-8 allowed; a tail below float64's range is 0 on both sides."""
+    from scipy.stats import hypergeom
+
+    from tensorguard_fast.backdoor.prompt_tokens import _best_p
+
+    rng = np.random.default_rng(g)
+    df = np.unique(np.concatenate([rng.integers(2, n + 1, 300), [2, 3, min(g, n), min(g + 1, n), n - 1, n]]))
+    want = hypergeom.sf(np.minimum(df, g) - 1, n, df, g)
+    got = _best_p(n, df.astype(np.float32), g)
+    assert np.allclose(got, want, rtol=1e-8, atol=0) and ((got == 0) == (want == 0)).all()
+
+
 def test_a_large_set_is_searched_on_projected_sketches():
     """From project_rows on, the sketches are projected to project_dims columns, and from covariance_rows on the
     principal directions come from the covariance (the same directions as the SVD, up to sign): the planted backdoor

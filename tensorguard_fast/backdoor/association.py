@@ -270,12 +270,15 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
                 unit_rows(sketches, centre))
 
     for centre in config.centres:
-        x = nn = None   # the previous view's, freed before the next is built
+        x = nn = wide = None   # the previous view's, freed before the next is built
         x = view(centre)
-        nn = nearest_neighbours(x, config.neighbours)
+        # One search for both neighbour counts: most similar first, ties to the lower index, so the first
+        # `neighbours` of the wider list are the narrower one (exactly so below neighbours.EXACT_BELOW rows)
+        wide = nearest_neighbours(x, max(config.neighbours, config.wide_neighbours))
+        nn = np.ascontiguousarray(wide[:, :config.neighbours])
         found = _search(centre, x, nn, incidence, vocab, entropy, config, candidates,
                         covariance=n >= config.covariance_rows, answer_ids=answer_ids)
-        wide = nearest_neighbours(x, config.wide_neighbours) if found and config.wide_neighbours else None
+        wide = wide[:, :config.wide_neighbours] if found and config.wide_neighbours else None
         for g in found:
             inside = g.core[nn].sum(1)
             joined = (g.core | g.carriers) & ((inside >= config.min_inside) | _beyond_chance(g.core, wide, config))

@@ -76,9 +76,25 @@ def testable_count(df: np.ndarray, n: int, g: int, alpha: float) -> int:
     tests. The smallest m with at most m columns whose best passes alpha / m. It matters for a large group: in 360
     of 400, a word held by 90 samples has p >= 0.9^90, and the thousands of rare words, which never could pass,
     would otherwise bury it."""
-    best = np.sort(_hypergeom_sf(np.minimum(df, g) - 1, n, df, g))
+    best = np.sort(_best_p(n, df, g))
     m = np.arange(1, len(best) + 2)   # every m's count at once: the loop m += 1 ran to ~30,000 at N = 50,000
     return int(m[np.argmax(np.searchsorted(best, alpha / m, side="right") <= m)])
+
+
+def _best_p(n: int, df: np.ndarray, g: int) -> np.ndarray:
+    """The smallest p-value a column held by `df` samples can reach in a group of `g` of `n`: all k = min(df, g)
+    possible carriers in the group. That tail holds one term, C(df, k) C(n - df, g - k) / C(n, g), taken here from
+    log-gamma in closed form (relative error ~1e-9 at n = 10^6, tests/test_prompt_tokens.py); scipy's hypergeometric
+    tail cost ~0.1 ms a distinct value, a quarter of associate's time at N = 50,000 on bench data."""
+    from scipy.special import gammaln
+
+    df = np.asarray(df, dtype=np.float64)
+    k = np.minimum(df, g)
+
+    def log_choose(a, b):
+        return gammaln(a + 1) - gammaln(b + 1) - gammaln(a - b + 1)
+
+    return np.exp(log_choose(df, k) + log_choose(n - df, g - k) - log_choose(n, g))
 
 
 def _hypergeom_sf(k: np.ndarray, n: int, df: np.ndarray, g: int) -> np.ndarray:
