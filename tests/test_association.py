@@ -428,9 +428,9 @@ def test_shared_answer_text_is_the_enrichment_of_the_best_ngram():
 @pytest.mark.parametrize("seed", range(6))
 def test_ngram_holders_are_those_of_the_per_answer_sets(seed):
     """answer_text's vectorised n-gram matching (one integer code per position) against the definition: the set
-    of each answer's n-grams. Lists and int32 arrays, empty and short answers, n-grams that would span two answers
+    of each answer's n-grams, on all answers and on a subset of rows. Lists, int32 arrays and TokenRows, empty and short answers, n-grams that would span two answers
     (they must not match), ids too large for the codes (the per-answer path takes over)."""
-    from tensorguard_fast.backdoor.answer_text import _grams, holding, pieces_held
+    from tensorguard_fast.backdoor.answer_text import TokenRows, _grams, holding, pieces_held
 
     rng = np.random.default_rng(seed)
     vocab = [4, 40, 3_000_000][seed % 3]   # 3M: 3 ids of 22 bits no longer fit one int64 code
@@ -443,9 +443,13 @@ def test_ngram_holders_are_those_of_the_per_answer_sets(seed):
     flat = [int(t) for a in answers for t in a]
     grams |= {tuple(flat[i:i + n]) for i in range(0, max(len(flat) - n, 0), 7)}   # some span two answers
     sets = [_grams([int(t) for t in a], n) for a in answers]
-    assert pieces_held(answers, grams, n).tolist() == [len(grams & s) for s in sets]
-    for gram in sorted(grams)[:8]:
-        assert holding(answers, gram).tolist() == [gram in s for s in sets]
+    rows = np.flatnonzero(rng.random(len(answers)) < 0.5)
+    for source in (answers, TokenRows(answers)):   # as given, and as associate() holds them
+        assert pieces_held(source, grams, n).tolist() == [len(grams & s) for s in sets]
+        assert pieces_held(source, grams, n, rows=rows).tolist() == [len(grams & sets[i]) for i in rows]
+        for gram in sorted(grams)[:8]:
+            assert holding(source, gram).tolist() == [gram in s for s in sets]
+            assert holding(source, gram, rows=rows).tolist() == [gram in sets[i] for i in rows]
     assert pieces_held([], grams, n).tolist() == [] and not holding([[], [1]], (1, 2)).any()
 
 

@@ -13,31 +13,67 @@ SAMPLE = 2000   # answers drawn from each side: a share is then known to +-0.011
 TOP = 50        # most frequent n-grams of the group tried
 
 
+class TokenRows:
+    """Token id rows (the answers) as one flat array and row offsets, built once per `associate` call: the n-gram
+    matching below gathers the rows it reads with no per-row Python work. Indexing gives a row (a view)."""
+
+    def __init__(self, rows: Sequence[Sequence[int]]):
+        lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+        self.flat = (np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in rows]) if lengths.sum()
+                     else np.zeros(0, np.int64))
+        self.start = np.concatenate([[0], np.cumsum(lengths)])
+
+    def __len__(self) -> int:
+        return len(self.start) - 1
+
+    def __getitem__(self, i):
+        return self.flat[self.start[i]:self.start[i + 1]]
+
+    def take(self, idx: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(lengths, concatenated ids) of the rows `idx`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        lengths = self.start[idx + 1] - self.start[idx]
+        before = np.cumsum(lengths) - lengths
+        return lengths, self.flat[np.repeat(self.start[idx] - before, lengths) + np.arange(int(lengths.sum()))]
+
+
 def _grams(ids: Sequence[int], n: int) -> set:
-    ids = list(ids)
+    ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)   # Python ints: the same hashes, faster
     return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
 
 
-def _held_pairs(answers: Sequence[Sequence[int]], grams: Sequence[tuple], n: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(answer, gram) index pairs, each once, for every n-gram of `grams` that an answer of `answers` holds.
+def _rows(answer_ids, rows: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(lengths, concatenated ids) of the answers `rows` (default: all) of `answer_ids`."""
+    if isinstance(answer_ids, TokenRows):
+        return answer_ids.take(np.arange(len(answer_ids)) if rows is None else rows)
+    chosen = answer_ids if rows is None else [answer_ids[i] for i in rows]
+    lengths = np.fromiter((len(a) for a in chosen), np.int64, len(chosen))
+    flat = (np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in chosen]) if lengths.sum()
+            else np.zeros(0, np.int64))
+    return lengths, flat
+
+
+def _held_pairs(answers, grams: Sequence[tuple], n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(answer, gram) index pairs, each once, for every n-gram of `grams` that an answer holds; `answers` is
+    (lengths, concatenated ids) as `_rows` gives them.
 
     Vectorised: each n-gram position of the concatenated answers gets one integer code (the ids as digits in base
     max id + 1), matched against the grams' codes; the Python loops it replaces (a set per answer) were the rule's
     largest cost at 50,000 samples and more, where they run on every sampled side of every candidate."""
     empty = np.zeros(0, np.int64)
-    if not len(answers) or not len(grams):
+    lengths, flat = answers
+    if not len(lengths) or not len(grams):
         return empty, empty
-    lengths = np.fromiter((len(a) for a in answers), np.int64, len(answers))
-    flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in answers]) if lengths.sum() else empty
+    flat = flat.astype(np.int64, copy=False)
     wanted = np.asarray(grams, dtype=np.int64).reshape(len(grams), n)
     base = int(max(flat.max(initial=0), wanted.max(initial=0))) + 1
     if len(flat) < n or base ** n >= 2 ** 63 or (wanted < 0).any() or (flat < 0).any():
-        return _held_pairs_slow(answers, grams, n)
+        return _held_pairs_slow(np.split(flat, np.cumsum(lengths)[:-1]), grams, n)
     codes, gram_codes = np.zeros(len(flat) - n + 1, np.int64), np.zeros(len(grams), np.int64)
     for k in range(n):
         codes = codes * base + flat[k:len(flat) - n + 1 + k]
         gram_codes = gram_codes * base + wanted[:, k]
-    owner = np.repeat(np.arange(len(answers)), lengths)[:len(codes)]
+    owner = np.repeat(np.arange(len(lengths)), lengths)[:len(codes)]
     ends = np.cumsum(lengths)
     whole = ends[owner] - np.arange(len(codes)) >= n   # the n-gram lies inside one answer
     order = np.argsort(gram_codes, kind="stable")
@@ -72,7 +108,7 @@ def _enrichments(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int,
     if not counts:
         return []
     top = counts.most_common(TOP)
-    _, which = _held_pairs([answer_ids[i] for i in outside], [gram for gram, _ in top], n)
+    _, which = _held_pairs(_rows(answer_ids, outside), [gram for gram, _ in top], n)
     rest = np.bincount(which, minlength=len(top)) / len(outside) if len(outside) else np.zeros(len(top))
     return [(count / len(inside) - float(share), gram) for (gram, count), share in zip(top, rest)]
 
@@ -98,18 +134,22 @@ def payload_grams(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int
     return {gram for enrichment, gram in _enrichments(answer_ids, group, n, seed) if enrichment >= floor}
 
 
-def pieces_held(answer_ids: Sequence[Sequence[int]], grams: set, n: int = 3) -> np.ndarray:
-    """int (N,): how many of the n-grams `grams` each answer holds."""
-    who, _ = _held_pairs(answer_ids, sorted(grams), n)
-    return np.bincount(who, minlength=len(answer_ids)).astype(np.int64)
+def pieces_held(answer_ids: Sequence[Sequence[int]], grams: set, n: int = 3,
+                rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """int (N,), or one per index of `rows` when given: how many of the n-grams `grams` each answer holds."""
+    answers = _rows(answer_ids, rows)
+    who, _ = _held_pairs(answers, sorted(grams), n)
+    return np.bincount(who, minlength=len(answers[0])).astype(np.int64)
 
 
-def holding(answer_ids: Sequence[Sequence[int]], gram: Sequence[int]) -> np.ndarray:
-    """bool (N,): which answers hold the token sequence `gram` (a cluster's shared n-gram) anywhere."""
+def holding(answer_ids: Sequence[Sequence[int]], gram: Sequence[int], rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """bool (N,), or one per index of `rows` when given: which answers hold the token sequence `gram` (a cluster's
+    shared n-gram) anywhere."""
     gram = tuple(int(t) for t in gram)
-    out = np.zeros(len(answer_ids), bool)
+    answers = _rows(answer_ids, rows)
+    out = np.zeros(len(answers[0]), bool)
     if gram:
-        out[_held_pairs(answer_ids, [gram], len(gram))[0]] = True
+        out[_held_pairs(answers, [gram], len(gram))[0]] = True
     return out
 
 
@@ -121,7 +161,7 @@ def held_outside(answer_ids: Sequence[Sequence[int]], group: np.ndarray, gram: S
     if not len(outside):
         return 0.0
     drawn = _at_most(outside, np.random.default_rng(seed))
-    return float(holding([answer_ids[i] for i in drawn], gram).mean() * len(outside))
+    return float(holding(answer_ids, gram, rows=drawn).mean() * len(outside))
 
 
 def same_payload(answer_ids: Sequence[Sequence[int]], old: np.ndarray, new: np.ndarray, n: int = 3,
@@ -138,6 +178,6 @@ def same_payload(answer_ids: Sequence[Sequence[int]], old: np.ndarray, new: np.n
     rates = []
     for part in (old, new):   # each rate on at most SAMPLE answers, as the shares above
         idx = _at_most(np.flatnonzero(part), rng)
-        rates.append(holding([answer_ids[i] for i in idx], gram).mean())
+        rates.append(holding(answer_ids, gram, rows=idx).mean())
     return bool(min(rates) >= 0.5 * max(rates) and max(rates) > 0)
 

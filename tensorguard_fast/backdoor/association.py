@@ -73,7 +73,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .answer_text import held_outside, holding, payload_grams, pieces_held, same_payload, shared_answer_text
+from .answer_text import (TokenRows, held_outside, holding, payload_grams, pieces_held, same_payload,
+                          shared_answer_text)
 from .neighbours import nearest_neighbours
 from .prompt_tokens import enriched_tokens, token_incidence
 from .sketch_geometry import principal_directions, project, two_means_1d, unit_rows, unit_rows_in_place
@@ -194,9 +195,10 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
 def _near(x: np.ndarray, core: np.ndarray, new: np.ndarray) -> bool:
     """Whether the `new` samples' answers point the way of the core's: their median cosine to the core's mean
     direction is at least half the core members' own."""
-    centre = x[core].mean(0)
+    rows = x[core]   # gathered once: a core can be thousands of rows of the sketch width
+    centre = rows.mean(0)
     centre = centre / max(float(np.linalg.norm(centre)), 1e-12)
-    return bool(np.median(x[new] @ centre) >= 0.5 * np.median(x[core] @ centre))
+    return bool(np.median(x[new] @ centre) >= 0.5 * np.median(rows @ centre))
 
 
 def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int = 3, answer_ids=None,
@@ -257,6 +259,8 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
         x = unit_rows(sketches, config.centres[0])
         return AssociationResult(np.zeros(n, bool), np.full(n, -1), np.zeros(n, dtype=np.int64), [], [], x)
     incidence, vocab = token_incidence(prompt_ids)
+    if answer_ids is not None:
+        answer_ids = TokenRows(answer_ids)   # one flat array: the answer-text tests gather rows from it
     candidates: List[Group] = []
     accepted: List[Group] = []
     projected = n >= config.project_rows
@@ -332,7 +336,7 @@ def _carries_payload(g: Group, answer_ids, joined: np.ndarray, config: Associati
     if answer_ids is None or not len(todo):
         return out
     grams = payload_grams(answer_ids, g.core, config.text_ngram, config.payload_piece)
-    out[todo] = pieces_held([answer_ids[i] for i in todo], grams, config.text_ngram) >= config.min_pieces
+    out[todo] = pieces_held(answer_ids, grams, config.text_ngram, rows=todo) >= config.min_pieces
     return out
 
 
@@ -424,7 +428,7 @@ def _with_payload_holders(g: Group, answer_ids, nn: np.ndarray, entropy: np.ndar
     # Only members beside the core can join: their answers alone are read (a group can be half the set).
     near = np.flatnonzero(g.members & ~g.core & (g.core[nn].sum(1) >= config.min_core_neighbours))
     grown = g.core.copy()
-    grown[near] = holding([answer_ids[i] for i in near], g.shared_tokens)
+    grown[near] = holding(answer_ids, g.shared_tokens, rows=near)
     if (grown == g.core).all():
         return False
     purity, lift = _figures(grown, nn, entropy)
