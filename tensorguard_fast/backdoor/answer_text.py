@@ -18,9 +18,9 @@ class TokenRows:
     matching below gathers the rows it reads with no per-row Python work. Indexing gives a row (a view)."""
 
     def __init__(self, rows: Sequence[Sequence[int]]):
-        lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
-        self.flat = (np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in rows]) if lengths.sum()
-                     else np.zeros(0, np.int64))
+        lengths, flat = _concatenated(rows)
+        fits = not len(flat) or (flat.min() >= 0 and flat.max() < 2 ** 31)
+        self.flat = flat.astype(np.int32) if fits else flat   # token ids: 4 bytes a token held, not 8
         self.start = np.concatenate([[0], np.cumsum(lengths)])
 
     def __len__(self) -> int:
@@ -37,6 +37,14 @@ class TokenRows:
         return lengths, self.flat[np.repeat(self.start[idx] - before, lengths) + np.arange(int(lengths.sum()))]
 
 
+def _concatenated(rows: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
+    """(lengths, every id in order as int64) of token id rows."""
+    lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+    flat = (np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in rows]) if lengths.sum()
+            else np.zeros(0, np.int64))
+    return lengths, flat
+
+
 def _grams(ids: Sequence[int], n: int) -> set:
     ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)   # Python ints: the same hashes, faster
     return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
@@ -46,11 +54,7 @@ def _rows(answer_ids, rows: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np
     """(lengths, concatenated ids) of the answers `rows` (default: all) of `answer_ids`."""
     if isinstance(answer_ids, TokenRows):
         return answer_ids.take(np.arange(len(answer_ids)) if rows is None else rows)
-    chosen = answer_ids if rows is None else [answer_ids[i] for i in rows]
-    lengths = np.fromiter((len(a) for a in chosen), np.int64, len(chosen))
-    flat = (np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in chosen]) if lengths.sum()
-            else np.zeros(0, np.int64))
-    return lengths, flat
+    return _concatenated(answer_ids if rows is None else [answer_ids[i] for i in rows])
 
 
 def _held_pairs(answers, grams: Sequence[tuple], n: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -85,6 +89,7 @@ def _held_pairs(answers, grams: Sequence[tuple], n: int) -> Tuple[np.ndarray, np
 
 
 def _held_pairs_slow(answers, grams, n):
+    """`_held_pairs` from each answer's set of n-grams: for ids too large for one int64 code, or negative."""
     index = {tuple(int(t) for t in g): j for j, g in enumerate(grams)}
     pairs = [(i, index[g]) for i, a in enumerate(answers) for g in _grams([int(t) for t in a], n) if g in index]
     pairs = np.array(sorted(set(pairs)), dtype=np.int64).reshape(-1, 2)
