@@ -113,7 +113,7 @@ Sums chunk_sums(const void* data, int64_t begin, int64_t len, double c) {
 #endif
 #ifdef TGF_HAVE_AVX2_F32_PATH
   if constexpr (DT != F64) {
-    if (isa == ISA_AVX2) {   // the same float32 blocks and retry as on AVX-512, fp32 included (below)
+    if (isa == ISA_AVX2) {   // the float32 blocks and retry of AVX-512, for fp32 too (docs/methods.md section 6)
       ChunkSums a;
       if (f32_blocks_with_retry(
               [&](double shift, ChunkSums& out, double& retry) {

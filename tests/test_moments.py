@@ -207,8 +207,8 @@ def test_cpp_float32_blocks_fall_back_where_they_cannot_vouch(case, dtype):
 
 def test_no_avx512_switch_selects_the_avx2_loops_in_every_kernel():
     """TGF_NO_AVX512=1 caps every vectorised kernel at AVX2 (csrc/common.h: isa_level); the results agree with the
-    float64 reference within the float32-block bound for bf16 (the AVX2 twin of the blocks, moments_avx2.h: at most
-    8 terms per lane, as on AVX-512, so the same bound)."""
+    float64 reference within the float32-block bound for bf16 (the AVX2 twin of the blocks, moments_avx2.h: 7
+    roundings per lane's float32 sum, as on AVX-512, so the same bound)."""
     code = ("import torch, tensorguard_fast._C as C\n"
             "from tensorguard_fast.ops.moments import moments\n"
             "from tensorguard_fast.ops.gram_entropy import gram_entropy_from_hidden\n"

@@ -84,7 +84,7 @@ def testable_count(df: np.ndarray, n: int, g: int, alpha: float) -> int:
 def _best_p(n: int, df: np.ndarray, g: int) -> np.ndarray:
     """The smallest p-value a column held by `df` samples can reach in a group of `g` of `n`: all k = min(df, g)
     possible carriers in the group. That tail holds one term, C(df, k) C(n - df, g - k) / C(n, g), taken here from
-    log-gamma in closed form (relative error ~1e-9 at n = 10^6, tests/test_prompt_tokens.py); scipy's hypergeometric
+    log-gamma in closed form (relative error ~1e-9 at n = 10^6, tests/test_association.py); scipy's hypergeometric
     tail cost ~0.1 ms a distinct value, a quarter of associate's time at N = 50,000 on bench data."""
     from scipy.special import gammaln
 
