@@ -428,8 +428,9 @@ def test_shared_answer_text_is_the_enrichment_of_the_best_ngram():
 @pytest.mark.parametrize("seed", range(6))
 def test_ngram_holders_are_those_of_the_per_answer_sets(seed):
     """answer_text's vectorised n-gram matching (one integer code per position) against the definition: the set
-    of each answer's n-grams, on all answers and on a subset of rows. Lists, int32 arrays and TokenRows, empty and short answers, n-grams that would span two answers
-    (they must not match), ids too large for the codes (the per-answer path takes over)."""
+    of each answer's n-grams, on all answers and on a subset of rows. Lists, int32 arrays and TokenRows, empty and
+    short answers, n-grams that would span two answers (they must not match), ids too large for the codes (the
+    per-answer path takes over)."""
     from tensorguard_fast.backdoor.answer_text import TokenRows, _grams, holding, pieces_held
 
     rng = np.random.default_rng(seed)
