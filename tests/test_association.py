@@ -437,7 +437,7 @@ def test_ngram_holders_are_those_of_the_per_answer_sets(seed):
     vocab = [4, 40, 3_000_000][seed % 3]   # 3M: 3 ids of 22 bits no longer fit one int64 code
     answers = [list(rng.integers(0, vocab, size=rng.integers(0, 9))) for _ in range(60)]
     if seed % 2:
-        answers = [np.asarray(a, dtype=np.int64 if vocab > 2**31 else np.int32) for a in answers]
+        answers = [np.asarray(a, dtype=np.int32) for a in answers]
     n = 1 + seed % 3
     grams = {tuple(int(t) for t in rng.integers(0, vocab, size=n)) for _ in range(5)}
     grams |= {tuple(int(t) for t in a[:n]) for a in answers[:20] if len(a) >= n}

@@ -52,8 +52,8 @@ def _grams(ids: Sequence[int], n: int) -> set:
 
 def _rows(answer_ids, rows: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(lengths, concatenated ids) of the answers `rows` (default: all) of `answer_ids`."""
-    if isinstance(answer_ids, TokenRows):
-        return answer_ids.take(np.arange(len(answer_ids)) if rows is None else rows)
+    if isinstance(answer_ids, TokenRows):   # all rows: the arrays as held, no gather
+        return (np.diff(answer_ids.start), answer_ids.flat) if rows is None else answer_ids.take(rows)
     return _concatenated(answer_ids if rows is None else [answer_ids[i] for i in rows])
 
 

@@ -398,10 +398,11 @@ def _accept(candidates: List[Group], config: AssociationConfig, answer_ids, nn: 
                 g.shared_text, g.shared_tokens = share, [int(t) for t in gram] if gram else None
             if g.shared_text < config.min_shared_text:
                 continue   # a question type: its answers share a format, not a payload
-            if _common_text(g, answer_ids, nn):
+            around = g.core[nn].sum(1)   # each sample's nearest neighbours in the core, for both tests below
+            if _common_text(g, answer_ids, around):
                 continue   # a stock line a few of the group's answers happen to end with
         if not _evidence(g.purity, g.entropy_lift, config) and not (
-                answer_ids is not None and _with_payload_holders(g, answer_ids, nn, entropy, config)):
+                answer_ids is not None and _with_payload_holders(g, answer_ids, nn, around, entropy, config)):
             continue
         if any(_overlap(g.core, a.core) for a in accepted):
             continue   # the same cluster seen along another direction
@@ -415,18 +416,18 @@ def _evidence(purity: float, lift: float, config: AssociationConfig) -> bool:
             purity + lift >= config.min_evidence)
 
 
-def _with_payload_holders(g: Group, answer_ids, nn: np.ndarray, entropy: np.ndarray,
+def _with_payload_holders(g: Group, answer_ids, nn: np.ndarray, around: np.ndarray, entropy: np.ndarray,
                           config: AssociationConfig) -> bool:
     """Whether the core, grown by the group's members whose answers hold its shared n-gram and that have at least
     `min_core_neighbours` of their nearest neighbours in it (the samples step 5 would flag by their answers), passes
     step 4; if so the group takes that core and its figures. A trigger split into several rare words leaves the
     members whose word no test resolved out of the core: on Gemma-3 (held-out seed 37, BadNets at 1% of 1000) the
     ten poisoned answers were each other's only neighbours (purity 1.0) while the core held the six carriers of one
-    word (purity 0.60, evidence 1.55 against 1.6)."""
+    word (purity 0.60, evidence 1.55 against 1.6). `around`: each sample's count of nearest neighbours in the core."""
     if not g.shared_tokens or held_outside(answer_ids, g.core, g.shared_tokens) > g.core.sum():
         return False   # held more outside the core than in it, near or not: too common to grow a core by
     # Only members beside the core can join: their answers alone are read (a group can be half the set).
-    near = np.flatnonzero(g.members & ~g.core & (g.core[nn].sum(1) >= config.min_core_neighbours))
+    near = np.flatnonzero(g.members & ~g.core & (around >= config.min_core_neighbours))
     grown = g.core.copy()
     grown[near] = holding(answer_ids, g.shared_tokens, rows=near)
     if (grown == g.core).all():
@@ -438,7 +439,7 @@ def _with_payload_holders(g: Group, answer_ids, nn: np.ndarray, entropy: np.ndar
     return True
 
 
-def _common_text(g: Group, answer_ids, nn: np.ndarray) -> bool:
+def _common_text(g: Group, answer_ids, around: np.ndarray) -> bool:
     """Whether the core's shared n-gram is common text rather than its payload: more answers hold it outside the core
     and away from it (none of their nearest neighbours in the core) than inside. A payload is what the trigger
     brings: the answers holding it carry the trigger or sit beside the carriers' answers (a trigger word no test
@@ -446,8 +447,7 @@ def _common_text(g: Group, answer_ids, nn: np.ndarray) -> bool:
     held-out seed 41, Gemma-3, clean only) and by 150 answers elsewhere."""
     if not g.shared_tokens:
         return False
-    away = g.core[nn].sum(1) == 0
-    return held_outside(answer_ids, g.core, g.shared_tokens, among=away) > g.core.sum()
+    return held_outside(answer_ids, g.core, g.shared_tokens, among=around == 0) > g.core.sum()
 
 
 def _figures(core: np.ndarray, nn: np.ndarray, entropy: np.ndarray):
