@@ -454,6 +454,86 @@ def test_ngram_holders_are_those_of_the_per_answer_sets(seed):
     assert pieces_held([], grams, n).tolist() == [] and not holding([[], [1]], (1, 2)).any()
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_ngram_enrichments_from_codes_are_the_counters(seed):
+    """answer_text's enrichments from GramCodes (TokenRows, as associate() holds the answers) against the Counter
+    over each answer's n-gram set that defines them: the same n-grams, values and order, ties included (the order
+    among equal counts decides the n-gram a core reports). Sides above SAMPLE (sampled, in the draw's order), tiny
+    vocabularies (many ties), empty groups and answers, ids too large for one code (the Counter path takes over)."""
+    from tensorguard_fast.backdoor import answer_text
+
+    rng = np.random.default_rng(seed)
+    n_rows = [50, 700, answer_text.SAMPLE + 500][seed % 3]
+    vocab = [3, 30, 5000, 2 ** 40][seed % 4]
+    answers = [rng.integers(0, vocab, size=rng.integers(0, 12)).tolist() for _ in range(n_rows)]
+    for i in rng.choice(n_rows, size=n_rows // 10, replace=False):
+        answers[i] = answers[i] + [7, 8, 9, 10]   # a payload: its 3-grams tie in count
+    rows = answer_text.TokenRows(answers)
+    for n in (1, 2, 3):
+        for share in (0.0, 0.05, 0.6, 0.97):
+            group = rng.random(n_rows) < share
+            expected = answer_text._enrichments(answers, group, n, seed)
+            got = answer_text._enrichments(rows, group, n, seed)
+            assert got == expected
+            assert all(type(t) is int for _, gram in got for t in gram)
+            assert (answer_text.shared_answer_text(rows, group, n) == answer_text.shared_answer_text(answers, group, n))
+    assert (rows.gram_codes(3) is None) == (vocab == 2 ** 40)
+
+
+def test_token_counts_are_the_incidence_product():
+    """TokenCounts.of (the group's rows, or the rest's for a larger group) against `mask @ incidence`: equal float32
+    counts for empty, small, half, large and full groups, and rows that hold no token."""
+    from tensorguard_fast.backdoor.prompt_tokens import TokenCounts
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 40, size=rng.integers(0, 9)).tolist() for _ in range(301)]
+    incidence, _ = token_incidence(prompts)
+    counts = TokenCounts(incidence)
+    for share in (0.0, 0.01, 0.5, 0.51, 0.9, 1.0):
+        mask = rng.random(301) < share
+        expected = mask.astype(np.float32) @ incidence
+        got = counts.of(mask)
+        assert got.dtype == np.float32 and np.array_equal(got, expected)
+    assert np.array_equal(counts.carriers, np.asarray(incidence.sum(0)).ravel())
+
+
+def _closure_by_definition(core, nn, min_inside, rounds=30):
+    group = core.copy()
+    n, k = nn.shape
+    for _ in range(rounds):
+        need = max(min_inside, int(k * group.sum() / n) + 1)
+        grown = group | (group[nn].sum(1) >= need)
+        if (grown == group).all():
+            break
+        group = grown
+    return group
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_closure_and_trim_by_reverse_lists_are_the_definition(seed):
+    """closure (counting through ReverseNeighbours, only what newcomers add) and trim (members' rows only) against
+    the definitions on all rows: random neighbour graphs with clusters, from empty, small, half and large groups."""
+    from tensorguard_fast.backdoor.association import trim
+    from tensorguard_fast.backdoor.neighbours import ReverseNeighbours
+
+    rng = np.random.default_rng(seed)
+    n = 500
+    x = unit_rows(rng.standard_normal((n, 8)) + 3 * rng.standard_normal((10, 8))[rng.integers(0, 10, n)], "none")
+    nn = nearest_neighbours(x, 5)
+    reverse = ReverseNeighbours(nn)
+    for share in (0.0, 0.02, 0.1, 0.5, 0.9):
+        core = rng.random(n) < share
+        assert np.array_equal(reverse.count(core), core[nn].sum(1))
+        for need in (1, 2, 3):
+            assert np.array_equal(closure(core, nn, need, reverse=reverse), _closure_by_definition(core, nn, need))
+            assert np.array_equal(closure(core, nn, need), _closure_by_definition(core, nn, need))
+            kept = core.copy()
+            for _ in range(30):
+                kept = kept & (kept[nn].sum(1) >= need)
+            assert np.array_equal(trim(core, nn, need), kept)
+    assert not ReverseNeighbours(np.zeros((4, 0), np.int64)).count(np.ones(4, bool)).any()
+
+
 def test_a_trigger_with_a_shared_answer_direction_but_no_shared_text_is_a_topic():
     """The planted cluster passes every other test; with its answers' text given, it is accepted only when the
     answers share the payload's tokens (a question type shares a format, not content)."""

@@ -4,13 +4,15 @@ sentence), so the poisoned answers share some of it even when its wording varies
 shares a format (lists of names) but not the names. association.py explains where it is used."""
 from __future__ import annotations
 
+import itertools
 from collections import Counter
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 SAMPLE = 2000   # answers drawn from each side: a share is then known to +-0.011 (1 SD), against a 0.25 floor
 TOP = 50        # most frequent n-grams of the group tried
+BLOCK = 16384   # answers per block while their n-gram codes are built (the Python tuples of a block at once)
 
 
 class TokenRows:
@@ -22,6 +24,14 @@ class TokenRows:
         fits = not len(flat) or (flat.min() >= 0 and flat.max() < 2 ** 31)
         self.flat = flat.astype(np.int32) if fits else flat   # token ids: 4 bytes a token held, not 8
         self.start = np.concatenate([[0], np.cumsum(lengths)])
+        self._grams: Dict[int, Optional[GramCodes]] = {}
+
+    def gram_codes(self, n: int) -> Optional["GramCodes"]:
+        """Each answer's distinct n-grams as codes (GramCodes), built on first use; None when the ids are too large
+        for one int64 code or negative."""
+        if n not in self._grams:
+            self._grams[n] = GramCodes.build(self, n)
+        return self._grams[n]
 
     def __len__(self) -> int:
         return len(self.start) - 1
@@ -35,6 +45,49 @@ class TokenRows:
         lengths = self.start[idx + 1] - self.start[idx]
         before = np.cumsum(lengths) - lengths
         return lengths, self.flat[np.repeat(self.start[idx] - before, lengths) + np.arange(int(lengths.sum()))]
+
+
+class GramCodes:
+    """Each answer's distinct n-grams, one int64 code each (the ids as digits in base max id + 1), in the order that
+    iterating its `_grams` set meets them, rows one after another. A Counter fed the sets of some answers in turn
+    (what `_enrichments` did per candidate, ~20 ms for 2,000 answers) then equals counting these codes, with each
+    gram's first position as the Counter's insertion order: so `most_common`'s order among equal counts, which
+    decides the n-gram reported, is kept exactly. One Python pass over all answers per call (~5 us an answer)
+    instead of one over 2,000 per test; ~8 bytes a distinct n-gram held."""
+
+    def __init__(self, base: int, n: int, codes: np.ndarray, start: np.ndarray):
+        self.base, self.n, self.codes, self.start = base, n, codes, start
+
+    @classmethod
+    def build(cls, rows: "TokenRows", n: int) -> Optional["GramCodes"]:
+        base = int(rows.flat.max(initial=0)) + 1
+        if base ** n >= 2 ** 63 or (rows.flat < 0).any():
+            return None
+        codes, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for r0 in range(0, len(rows), BLOCK):
+            sets = [_grams(rows[i], n) for i in range(r0, min(r0 + BLOCK, len(rows)))]
+            counts.append(np.fromiter(map(len, sets), np.int64, len(sets)))
+            digits = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(sets)), np.int64,
+                                 int(counts[-1].sum()) * n).reshape(-1, n)
+            code = np.zeros(len(digits), np.int64)
+            for k in range(n):
+                code = code * base + digits[:, k]
+            codes.append(code)
+        return cls(base, n, np.concatenate(codes), np.concatenate([[0], np.cumsum(np.concatenate(counts))]))
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """The codes of the answers `idx`, in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        lengths = self.start[idx + 1] - self.start[idx]
+        before = np.cumsum(lengths) - lengths
+        return self.codes[np.repeat(self.start[idx] - before, lengths) + np.arange(int(lengths.sum()))]
+
+    def gram(self, code: int) -> tuple:
+        digits = []
+        for _ in range(self.n):
+            code, d = divmod(int(code), self.base)
+            digits.append(d)
+        return tuple(digits[::-1])
 
 
 def _concatenated(rows: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
@@ -109,6 +162,9 @@ def _enrichments(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int,
     if not len(inside):
         return []
     inside, outside = _at_most(inside, rng), _at_most(outside, rng)
+    codes = answer_ids.gram_codes(n) if isinstance(answer_ids, TokenRows) else None
+    if codes is not None:
+        return _enrichments_by_code(codes, inside, outside)
     counts = Counter(g for i in inside for g in _grams(answer_ids[i], n))
     if not counts:
         return []
@@ -116,6 +172,25 @@ def _enrichments(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int,
     _, which = _held_pairs(_rows(answer_ids, outside), [gram for gram, _ in top], n)
     rest = np.bincount(which, minlength=len(top)) / len(outside) if len(outside) else np.zeros(len(top))
     return [(count / len(inside) - float(share), gram) for (gram, count), share in zip(top, rest)]
+
+
+def _enrichments_by_code(codes: GramCodes, inside: np.ndarray, outside: np.ndarray) -> list:
+    """`_enrichments` from GramCodes, the same list in the same order: `Counter.most_common` sorts by count, equal
+    counts in insertion order (each code's first position among the inside answers' codes)."""
+    held = codes.take(inside)
+    if not len(held):
+        return []
+    uniq, first, count = np.unique(held, return_index=True, return_counts=True)
+    top = np.lexsort((first, -count))[:TOP]
+    wanted = uniq[top]
+    rest = np.zeros(len(top))
+    if len(outside):
+        out = codes.take(outside)
+        order = np.argsort(wanted)
+        pos = np.minimum(np.searchsorted(wanted[order], out), len(top) - 1)
+        hit = wanted[order][pos] == out   # an answer holds each of its codes once: a hit is one (answer, gram) pair
+        rest = np.bincount(order[pos[hit]], minlength=len(top)) / len(outside)
+    return [(int(c) / len(inside) - float(share), codes.gram(u)) for u, c, share in zip(wanted, count[top], rest)]
 
 
 def shared_answer_text(answer_ids: Sequence[Sequence[int]], group: np.ndarray, n: int = 3,

@@ -75,8 +75,8 @@ import numpy as np
 
 from .answer_text import (TokenRows, held_outside, holding, payload_grams, pieces_held, same_payload,
                           shared_answer_text)
-from .neighbours import nearest_neighbours
-from .prompt_tokens import enriched_tokens, token_incidence
+from .neighbours import ReverseNeighbours, nearest_neighbours
+from .prompt_tokens import TokenCounts, enriched_tokens, token_incidence
 from .sketch_geometry import principal_directions, project, two_means_1d, unit_rows, unit_rows_in_place
 
 BLOCK = 16384   # samples per block of the prompt-token seeds' product (N x T at once: ~1.2 GB at N = 1M)
@@ -176,33 +176,43 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
     _, phrase = connected_components(overlap >= min_overlap, directed=False)
     carriers = np.zeros(held.shape[0], bool) if found is None else found.copy()
     kept = []
+    direction = None   # of the carriers' answers: taken again only when the carriers grow
     for p in dict.fromkeys(phrase):   # in order of each phrase's most significant token
         cols = np.where(phrase == p)[0]
         carry = np.asarray(held[:, cols].sum(1)).ravel() * 2 > len(cols)
         new = carry & members & ~carriers
         if (kept or found is not None) and new.any():
-            if not _near(x, carriers & members, new):
+            direction = _direction(x, carriers & members) if direction is None else direction
+            if not _near(x, direction, new):
                 continue
             if answer_ids is not None and not same_payload(answer_ids, carriers & members, new, text_ngram):
                 if refused is not None:
                     refused.append(carry & members)
                 continue
         carriers |= carry
+        direction = None
         kept.extend(cols.tolist())
     return carriers, np.array(sorted(kept), dtype=np.int64)
 
 
-def _near(x: np.ndarray, core: np.ndarray, new: np.ndarray) -> bool:
-    """Whether the `new` samples' answers point the way of the core's: their median cosine to the core's mean
-    direction is at least half the core members' own."""
+def _direction(x: np.ndarray, core: np.ndarray):
+    """(unit mean direction of the core's answers, half the median cosine of its members to it): what `_near`
+    compares a phrase's answers with."""
     rows = x[core]   # gathered once: a core can be thousands of rows of the sketch width
     centre = rows.mean(0)
     centre = centre / max(float(np.linalg.norm(centre)), 1e-12)
-    return bool(np.median(x[new] @ centre) >= 0.5 * np.median(rows @ centre))
+    return centre, 0.5 * np.median(rows @ centre)
+
+
+def _near(x: np.ndarray, direction, new: np.ndarray) -> bool:
+    """Whether the `new` samples' answers point the way of a core's (`_direction`): their median cosine to the core's
+    mean direction is at least half the core members' own."""
+    centre, half = direction
+    return bool(np.median(x[new] @ centre) >= half)
 
 
 def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int = 3, answer_ids=None,
-                   refused: Optional[list] = None):
+                   refused: Optional[list] = None, counts: Optional[TokenCounts] = None):
     """The trigger test again among the members that carry none of the trigger found so far, against the samples
     that carry none of it. One of several rare words with few carriers (BadNets' " tq", split by the tokenizer into
     " t" + "q", held by 3 of 400) is buried by the other words' carriers in the group-wide test (p ~ 2e-4 in a group
@@ -212,7 +222,8 @@ def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int
         rest = members & ~carriers
         if rest.sum() < 2:
             break
-        more, q = enriched_tokens(incidence, rest, config.alpha, config.min_token_share, population=~carriers)
+        more, q = enriched_tokens(incidence, rest, config.alpha, config.min_token_share, population=~carriers,
+                                  counts=counts)
         if not len(more):
             break
         grown, kept = trigger_carriers(incidence[:, more], members, x, found=carriers, answer_ids=answer_ids,
@@ -226,23 +237,32 @@ def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int
 def trim(core: np.ndarray, nn: np.ndarray, min_inside: int, rounds: int = 30) -> np.ndarray:
     """`core` less every member with fewer than `min_inside` of its nearest neighbours in it, until nothing changes."""
     for _ in range(rounds):
-        kept = core & (core[nn].sum(1) >= min_inside)
-        if (kept == core).all():
+        idx = np.flatnonzero(core)   # only members can leave: their rows alone are read
+        out = idx[core[nn[idx]].sum(1) < min_inside]
+        if not len(out):
             break
-        core = kept
+        core = core.copy()
+        core[out] = False
     return core
 
 
-def closure(core: np.ndarray, nn: np.ndarray, min_inside: int, rounds: int = 30) -> np.ndarray:
+def closure(core: np.ndarray, nn: np.ndarray, min_inside: int, rounds: int = 30,
+            reverse: Optional[ReverseNeighbours] = None) -> np.ndarray:
     """`core` plus every sample with at least `min_inside` of its nearest neighbours in the set, and more than
-    chance would put there (a set of 90% holds 4.5 of 5 neighbours of anyone), until nothing changes."""
+    chance would put there (a set of 90% holds 4.5 of 5 neighbours of anyone), until nothing changes. `reverse`:
+    nn's ReverseNeighbours, when the caller grows many groups (built here otherwise); each round then counts only
+    what the newcomers add."""
+    reverse = ReverseNeighbours(nn) if reverse is None else reverse
     group = core.copy()
     n, k = nn.shape
+    inside = reverse.count(group)
     for _ in range(rounds):
         need = max(min_inside, int(k * group.sum() / max(n, 1)) + 1)
-        grown = group | (group[nn].sum(1) >= need)
-        if (grown == group).all():
+        grown = group | (inside >= need)
+        new = grown & ~group
+        if not new.any():
             break
+        inside += reverse.count(new)
         group = grown
     return group
 
@@ -259,6 +279,7 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
         x = unit_rows(sketches, config.centres[0])
         return AssociationResult(np.zeros(n, bool), np.full(n, -1), np.zeros(n, dtype=np.int64), [], [], x)
     incidence, vocab = token_incidence(prompt_ids)
+    counts = TokenCounts(incidence)   # per-group token counts from the rows, for the many groups tested
     if answer_ids is not None:
         answer_ids = TokenRows(answer_ids)   # one flat array: the answer-text tests gather rows from it
     candidates: List[Group] = []
@@ -274,14 +295,15 @@ def associate(sketches: np.ndarray, prompt_ids: Sequence[Sequence[int]], entropy
                 unit_rows(sketches, centre))
 
     for centre in config.centres:
-        x = nn = wide = None   # the previous view's, freed before the next is built
+        x = nn = wide = reverse = None   # the previous view's, freed before the next is built
         x = view(centre)
         # One search for both neighbour counts: most similar first, ties to the lower index, so the first
         # `neighbours` of the wider list are the narrower one (exactly so below neighbours.EXACT_BELOW rows)
         wide = nearest_neighbours(x, max(config.neighbours, config.wide_neighbours))
         nn = np.ascontiguousarray(wide[:, :config.neighbours])
+        reverse = ReverseNeighbours(nn)
         found = _search(centre, x, nn, incidence, vocab, entropy, config, candidates,
-                        covariance=n >= config.covariance_rows, answer_ids=answer_ids)
+                        covariance=n >= config.covariance_rows, answer_ids=answer_ids, counts=counts, reverse=reverse)
         wide = wide[:, :config.wide_neighbours] if found and config.wide_neighbours else None
         for g in found:
             inside = g.core[nn].sum(1)
@@ -354,8 +376,12 @@ def _beyond_chance(core: np.ndarray, wide: Optional[np.ndarray], config: Associa
 
 
 def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[Group], covariance: bool,
-            answer_ids=None) -> List[Group]:
-    """Steps 1-5 in one view of the sketches: the accepted groups; every candidate is appended to `candidates`."""
+            answer_ids=None, counts: Optional[TokenCounts] = None,
+            reverse: Optional[ReverseNeighbours] = None) -> List[Group]:
+    """Steps 1-5 in one view of the sketches: the accepted groups; every candidate is appended to `candidates`.
+    `counts`, `reverse`: as for `_candidate`."""
+    counts = TokenCounts(incidence) if counts is None else counts
+    reverse = ReverseNeighbours(nn) if reverse is None else reverse
     n = len(x)
     directions = principal_directions(x, config.directions, covariance)
     seen, found = set(), []
@@ -367,7 +393,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
                 return
             seen.add(key)
             group = _candidate(f"{centre}-centred {name}", members, incidence, vocab, x, nn, entropy, config,
-                               answer_ids, refused)
+                               answer_ids, refused, counts, reverse)
             if group is not None:
                 found.append(group)
 
@@ -376,7 +402,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
             tried(name, members, refused)
             for j, phrase in enumerate(refused):   # one level: a phrase refused there is not followed further
                 tried(f"{name}, refused phrase {j}", phrase)
-        return _accept(found, config, answer_ids, nn, entropy)
+        return _accept(found, config, answer_ids, nn, entropy, reverse)
 
     accepted = consider(_splits(x, directions, config.tails), config.min_core)
     if not accepted and config.token_seeds:
@@ -386,7 +412,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
 
 
 def _accept(candidates: List[Group], config: AssociationConfig, answer_ids, nn: np.ndarray,
-            entropy: np.ndarray) -> List[Group]:
+            entropy: np.ndarray, reverse: Optional[ReverseNeighbours] = None) -> List[Group]:
     """The candidates that pass step 4, purest first, one per cluster. A candidate whose core falls short of the
     purity or evidence floor is judged again on its core plus the members whose answers hold the core's shared
     n-gram (`_with_payload_holders`)."""
@@ -398,7 +424,8 @@ def _accept(candidates: List[Group], config: AssociationConfig, answer_ids, nn: 
                 g.shared_text, g.shared_tokens = share, [int(t) for t in gram] if gram else None
             if g.shared_text < config.min_shared_text:
                 continue   # a question type: its answers share a format, not a payload
-            around = g.core[nn].sum(1)   # each sample's nearest neighbours in the core, for both tests below
+            # each sample's nearest neighbours in the core, for both tests below
+            around = g.core[nn].sum(1) if reverse is None else reverse.count(g.core)
             if _common_text(g, answer_ids, around):
                 continue   # a stock line a few of the group's answers happen to end with
         if not _evidence(g.purity, g.entropy_lift, config) and not (
@@ -519,23 +546,27 @@ def _splits(x: np.ndarray, directions: np.ndarray, tails: Sequence[float]):
 
 
 def _candidate(name, members, incidence, vocab, x, nn, entropy, config, answer_ids=None,
-               refused: Optional[list] = None) -> Optional[Group]:
+               refused: Optional[list] = None, counts: Optional[TokenCounts] = None,
+               reverse: Optional[ReverseNeighbours] = None) -> Optional[Group]:
     """Step 2-4 of the module docstring on one answer-side group; None when no trigger test passes. Phrases refused
-    for their answer text are appended to `refused` (trigger_carriers)."""
+    for their answer text are appended to `refused` (trigger_carriers). `counts` and `reverse`: the incidence's
+    TokenCounts and nn's ReverseNeighbours, built once per call of `associate` (here when not given)."""
+    counts = TokenCounts(incidence) if counts is None else counts
+    reverse = ReverseNeighbours(nn) if reverse is None else reverse
     n = len(members)
     for _ in range(config.refine_rounds):
-        cols, p = enriched_tokens(incidence, members, config.alpha, config.min_token_share)
+        cols, p = enriched_tokens(incidence, members, config.alpha, config.min_token_share, counts=counts)
         if not len(cols):
             return None
         carriers, kept = trigger_carriers(incidence[:, cols], members, x, answer_ids=answer_ids,
                                           text_ngram=config.text_ngram, refused=refused)
         cols, p = cols[kept], p[kept]
         carriers, cols, p = _more_triggers(incidence, members, carriers, cols, p, x, config, answer_ids=answer_ids,
-                                           refused=refused)
+                                           refused=refused, counts=counts)
         core = members & carriers
         if core.sum() < config.min_core or (~core).sum() < 2:
             return None
-        grown = closure(core, nn, config.min_inside)
+        grown = closure(core, nn, config.min_inside, reverse=reverse)
         if (grown == members).all() or grown.sum() > n - config.min_core:
             break
         members = grown

@@ -48,18 +48,52 @@ def _flat(part):
     return length, np.fromiter(itertools.chain.from_iterable(part), dtype=np.int64, count=int(length.sum()))
 
 
+class TokenCounts:
+    """How many samples of a group hold each prompt token, read from the incidence's rows: the group's rows, or the
+    rest's when the group is the larger side (the carriers of every token less the rest's). The product
+    `mask @ incidence` it replaces reads every row for every group tested: at 200,000 samples a quarter of the
+    rule's time went there, for groups of a few hundred. Counts are float32 as that product gave them (exact below
+    2^24 samples). Holds the row structure: 4 bytes a distinct (sample, token) pair."""
+
+    def __init__(self, incidence):
+        rows = incidence.tocsr()
+        self.start, self.columns = rows.indptr.astype(np.int64), rows.indices
+        del rows
+        self.n, self.width = incidence.shape
+        self.carriers = np.asarray(incidence.sum(0)).ravel()   # float32 (N,): samples holding each token
+
+    def of(self, mask: np.ndarray) -> np.ndarray:
+        """float32 (T,): how many of the rows in `mask` (bool (N,)) hold each token."""
+        idx = np.flatnonzero(mask)
+        if 2 * len(idx) > self.n:
+            return self.carriers - self._count(np.flatnonzero(~mask))
+        return self._count(idx)
+
+    def _count(self, idx: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.width, np.int64)
+        for r0 in range(0, len(idx), BLOCK):   # the gathered positions a block at a time: no N-sized index array
+            part = idx[r0:r0 + BLOCK]
+            lengths = self.start[part + 1] - self.start[part]
+            before = np.cumsum(lengths) - lengths
+            at = np.repeat(self.start[part] - before, lengths) + np.arange(int(lengths.sum()))
+            out += np.bincount(self.columns[at], minlength=self.width)
+        return out.astype(np.float32)
+
+
 def enriched_tokens(incidence, members: np.ndarray, alpha: float, min_share: float = 0.0,
-                    population: Optional[np.ndarray] = None):
+                    population: Optional[np.ndarray] = None, counts: Optional[TokenCounts] = None):
     """Columns over-represented among `members`: one-sided hypergeometric tail, Bonferroni over the columns that
     could reach significance at all (`testable_count`), with at least `min_share` of their carriers among
     `members`. Among the rows of `population` (bool (N,), holding `members`) when given, else among all rows.
+    `counts`: the incidence's TokenCounts, when the caller tests many groups (built here otherwise).
     Returns (columns, p-values), most significant first."""
+    counts = TokenCounts(incidence) if counts is None else counts
     g = int(members.sum())
     if population is None:
-        n, df = incidence.shape[0], np.asarray(incidence.sum(0)).ravel()
+        n, df = incidence.shape[0], counts.carriers
     else:
-        n, df = int(population.sum()), population.astype(np.float32) @ incidence
-    inside = members.astype(np.float32) @ incidence   # counts (exact in float32); a row mask would copy the rows
+        n, df = int(population.sum()), counts.of(population)
+    inside = counts.of(members)
     tested = testable_count(df[df >= 2], n, g, alpha)
     chance = g / max(n, 1)
     cand = np.where((df >= 2) & (inside >= 2) & (inside * n > df * g) &
