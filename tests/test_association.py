@@ -534,6 +534,24 @@ def test_closure_and_trim_by_reverse_lists_are_the_definition(seed):
     assert not ReverseNeighbours(np.zeros((4, 0), np.int64)).count(np.ones(4, bool)).any()
 
 
+def test_core_directions_are_kept_per_core_and_equal_a_fresh_one():
+    """CoreDirections hands back `_direction` of the core asked for: the same values as computed afresh, for cores
+    met again, after the oldest were dropped (most=2), and for cores that differ in one row."""
+    from tensorguard_fast.backdoor.association import CoreDirections, _direction
+
+    rng = np.random.default_rng(3)
+    x = unit_rows(rng.standard_normal((300, 16)), "none")
+    cores = [rng.random(300) < share for share in (0.05, 0.3, 0.6)]
+    cores.append(cores[0].copy())
+    cores[-1][np.flatnonzero(~cores[0])[0]] = True
+    kept = CoreDirections(x, most=2)
+    for core in cores + cores[::-1] + cores:
+        centre, half = kept(core)
+        fresh_centre, fresh_half = _direction(x, core)
+        assert np.array_equal(centre, fresh_centre) and half == fresh_half
+    assert len(kept.kept) == 2
+
+
 def test_a_trigger_with_a_shared_answer_direction_but_no_shared_text_is_a_topic():
     """The planted cluster passes every other test; with its answers' text given, it is accepted only when the
     answers share the payload's tokens (a question type shares a format, not content)."""

@@ -152,7 +152,7 @@ class AssociationResult:
 
 def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: float = 0.5,
                      found: Optional[np.ndarray] = None, answer_ids=None, text_ngram: int = 3,
-                     refused: Optional[list] = None):
+                     refused: Optional[list] = None, core_directions: Optional["CoreDirections"] = None):
     """Which samples carry the trigger, given the (N, T) incidence `held` of a group's enriched tokens (most
     significant first), and the carriers `found` already of another part of it, if any. Returns (carriers, kept
     token columns).
@@ -166,7 +166,7 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
     (one URL per sample) has list answers of a "top 5" topic close enough in direction, not in text. A phrase
     refused for its text alone (its answers point the same way) is appended to `refused` as the group members that
     carry it: when a topic was the most significant phrase, that phrase may be the real trigger, and the search
-    tries it as a group of its own."""
+    tries it as a group of its own. `core_directions`: x's CoreDirections, when the caller tests many groups."""
     from scipy.sparse.csgraph import connected_components
 
     held = (held > 0).astype(np.float32)
@@ -176,13 +176,14 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
     _, phrase = connected_components(overlap >= min_overlap, directed=False)
     carriers = np.zeros(held.shape[0], bool) if found is None else found.copy()
     kept = []
+    core_directions = CoreDirections(x) if core_directions is None else core_directions
     direction = None   # of the carriers' answers: taken again only when the carriers grow
     for p in dict.fromkeys(phrase):   # in order of each phrase's most significant token
         cols = np.where(phrase == p)[0]
         carry = np.asarray(held[:, cols].sum(1)).ravel() * 2 > len(cols)
         new = carry & members & ~carriers
         if (kept or found is not None) and new.any():
-            direction = _direction(x, carriers & members) if direction is None else direction
+            direction = core_directions(carriers & members) if direction is None else direction
             if not _near(x, direction, new):
                 continue
             if answer_ids is not None and not same_payload(answer_ids, carriers & members, new, text_ngram):
@@ -204,6 +205,25 @@ def _direction(x: np.ndarray, core: np.ndarray):
     return centre, 0.5 * np.median(rows @ centre)
 
 
+class CoreDirections:
+    """`_direction` of each distinct core met in one view, kept: a candidate's refinement rounds and the second
+    trigger test meet the same core again and again (1,414 calls for 286 distinct cores at 30,000 bench samples),
+    and each takes a gather of the core's rows. Keyed by a digest of the core's bits; the oldest go past `most`."""
+
+    def __init__(self, x: np.ndarray, most: int = 1024):
+        self.x, self.most, self.kept = x, most, {}
+
+    def __call__(self, core: np.ndarray):
+        import hashlib
+
+        key = hashlib.blake2b(np.packbits(core).tobytes(), digest_size=16).digest()
+        if key not in self.kept:
+            if len(self.kept) >= self.most:
+                self.kept.pop(next(iter(self.kept)))
+            self.kept[key] = _direction(self.x, core)
+        return self.kept[key]
+
+
 def _near(x: np.ndarray, direction, new: np.ndarray) -> bool:
     """Whether the `new` samples' answers point the way of a core's (`_direction`): their median cosine to the core's
     mean direction is at least half the core members' own."""
@@ -212,7 +232,8 @@ def _near(x: np.ndarray, direction, new: np.ndarray) -> bool:
 
 
 def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int = 3, answer_ids=None,
-                   refused: Optional[list] = None, counts: Optional[TokenCounts] = None):
+                   refused: Optional[list] = None, counts: Optional[TokenCounts] = None,
+                   core_directions: Optional[CoreDirections] = None):
     """The trigger test again among the members that carry none of the trigger found so far, against the samples
     that carry none of it. One of several rare words with few carriers (BadNets' " tq", split by the tokenizer into
     " t" + "q", held by 3 of 400) is buried by the other words' carriers in the group-wide test (p ~ 2e-4 in a group
@@ -227,7 +248,8 @@ def _more_triggers(incidence, members, carriers, cols, p, x, config, rounds: int
         if not len(more):
             break
         grown, kept = trigger_carriers(incidence[:, more], members, x, found=carriers, answer_ids=answer_ids,
-                                       text_ngram=config.text_ngram, refused=refused)
+                                       text_ngram=config.text_ngram, refused=refused,
+                                       core_directions=core_directions)
         if not len(kept) or (grown == carriers).all():
             break
         carriers, cols, p = grown, np.concatenate([cols, more[kept]]), np.concatenate([p, q[kept]])
@@ -382,6 +404,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
     `counts`, `reverse`: as for `_candidate`."""
     counts = TokenCounts(incidence) if counts is None else counts
     reverse = ReverseNeighbours(nn) if reverse is None else reverse
+    core_directions = CoreDirections(x)
     n = len(x)
     directions = principal_directions(x, config.directions, covariance)
     seen, found = set(), []
@@ -393,7 +416,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
                 return
             seen.add(key)
             group = _candidate(f"{centre}-centred {name}", members, incidence, vocab, x, nn, entropy, config,
-                               answer_ids, refused, counts, reverse)
+                               answer_ids, refused, counts, reverse, core_directions)
             if group is not None:
                 found.append(group)
 
@@ -547,22 +570,26 @@ def _splits(x: np.ndarray, directions: np.ndarray, tails: Sequence[float]):
 
 def _candidate(name, members, incidence, vocab, x, nn, entropy, config, answer_ids=None,
                refused: Optional[list] = None, counts: Optional[TokenCounts] = None,
-               reverse: Optional[ReverseNeighbours] = None) -> Optional[Group]:
+               reverse: Optional[ReverseNeighbours] = None,
+               core_directions: Optional[CoreDirections] = None) -> Optional[Group]:
     """Step 2-4 of the module docstring on one answer-side group; None when no trigger test passes. Phrases refused
-    for their answer text are appended to `refused` (trigger_carriers). `counts` and `reverse`: the incidence's
-    TokenCounts and nn's ReverseNeighbours, built once per call of `associate` (here when not given)."""
+    for their answer text are appended to `refused` (trigger_carriers). `counts`, `reverse` and `core_directions`: the
+    incidence's TokenCounts, nn's ReverseNeighbours and x's CoreDirections, built once per view of `associate`
+    (here when not given)."""
     counts = TokenCounts(incidence) if counts is None else counts
     reverse = ReverseNeighbours(nn) if reverse is None else reverse
+    core_directions = CoreDirections(x) if core_directions is None else core_directions
     n = len(members)
     for _ in range(config.refine_rounds):
         cols, p = enriched_tokens(incidence, members, config.alpha, config.min_token_share, counts=counts)
         if not len(cols):
             return None
         carriers, kept = trigger_carriers(incidence[:, cols], members, x, answer_ids=answer_ids,
-                                          text_ngram=config.text_ngram, refused=refused)
+                                          text_ngram=config.text_ngram, refused=refused,
+                                          core_directions=core_directions)
         cols, p = cols[kept], p[kept]
         carriers, cols, p = _more_triggers(incidence, members, carriers, cols, p, x, config, answer_ids=answer_ids,
-                                           refused=refused, counts=counts)
+                                           refused=refused, counts=counts, core_directions=core_directions)
         core = members & carriers
         if core.sum() < config.min_core or (~core).sum() < 2:
             return None
