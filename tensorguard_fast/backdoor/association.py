@@ -68,6 +68,7 @@ docs/backdoor.md explains the rule to users.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -117,18 +118,51 @@ class AssociationConfig:
     project_dims: int = 128
 
 
-@dataclass
+class _Mask:
+    """A bool (N,) attribute of a Group: the array while the group is worked on; its set indices once the group is
+    kept only as a record of what was tried (`Group.keep_as_record`). A million-sample search keeps ~1,000 candidates,
+    3 MB each as arrays (3 GB, beyond the memory goal) and mostly a few KB as indices."""
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, group, owner=None):
+        if group is None:
+            return self
+        value = getattr(group, self.slot)
+        if isinstance(value, tuple):   # (N, indices)
+            out = np.zeros(value[0], bool)
+            out[value[1]] = True
+            return out
+        return value
+
+    def __set__(self, group, value):
+        setattr(group, self.slot, value)
+
+
 class Group:
-    name: str
-    members: np.ndarray        # bool (N,): the answer-side group, as refined (step 3)
-    tokens: List[int]          # prompt token ids of the trigger: enriched in it, the phrases kept
-    p_values: List[float]
-    carriers: np.ndarray       # bool (N,): samples whose prompt carries the trigger (trigger_carriers)
-    core: np.ndarray           # members & carriers, less the members without a neighbour in it
-    purity: float
-    entropy_lift: float
-    shared_text: Optional[float] = None   # step 4's answer-text test, once run (answer_text.shared_answer_text)
-    shared_tokens: Optional[List[int]] = None   # the n-gram it found
+    """A candidate group: `members` (bool (N,)), the answer-side group as refined (step 3); `tokens`, the prompt token
+    ids of its trigger (enriched in it, the phrases kept) and their `p_values`; `carriers` (bool (N,)), the samples
+    whose prompt carries the trigger (trigger_carriers); `core`, members & carriers less the members without a
+    neighbour in it; its `purity` and `entropy_lift` (step 4); and step 4's answer-text test once run: `shared_text`
+    (answer_text.shared_answer_text) and `shared_tokens`, the n-gram it found."""
+    members = _Mask()
+    carriers = _Mask()
+    core = _Mask()
+
+    def __init__(self, name: str, members: np.ndarray, tokens: List[int], p_values: List[float],
+                 carriers: np.ndarray, core: np.ndarray, purity: float, entropy_lift: float,
+                 shared_text: Optional[float] = None, shared_tokens: Optional[List[int]] = None):
+        self.name, self.members, self.tokens, self.p_values = name, members, tokens, p_values
+        self.carriers, self.core, self.purity, self.entropy_lift = carriers, core, purity, entropy_lift
+        self.shared_text, self.shared_tokens = shared_text, shared_tokens
+
+    def keep_as_record(self) -> None:
+        """Hold the masks as indices from now on (read back as arrays): for a candidate no longer worked on."""
+        for name in ("members", "carriers", "core"):
+            mask = getattr(self, name)
+            kind = np.int32 if len(mask) < 2 ** 31 else np.int64
+            setattr(self, name, (len(mask), np.flatnonzero(mask).astype(kind)))
 
     def figures(self) -> dict:
         out = {"group": self.name, "size": int(self.members.sum()), "core": int(self.core.sum()),
@@ -214,8 +248,6 @@ class CoreDirections:
         self.x, self.most, self.kept = x, most, {}
 
     def __call__(self, core: np.ndarray):
-        import hashlib
-
         key = hashlib.blake2b(np.packbits(core).tobytes(), digest_size=16).digest()
         if key not in self.kept:
             if len(self.kept) >= self.most:
@@ -411,7 +443,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
 
     def consider(groups, at_least):
         def tried(name, members, refused=None):
-            key = np.packbits(members).tobytes()   # N / 8 bytes kept per candidate tried
+            key = hashlib.blake2b(np.packbits(members).tobytes(), digest_size=16).digest()   # 16 bytes a group
             if key in seen or not at_least <= members.sum() <= n - config.min_core:
                 return
             seen.add(key)
@@ -430,6 +462,9 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
     accepted = consider(_splits(x, directions, config.tails), config.min_core)
     if not accepted and config.token_seeds:
         accepted = consider(_token_seeds(incidence, nn, config.token_seeds), 2)
+    for g in found:
+        if not any(g is a for a in accepted):
+            g.keep_as_record()
     candidates.extend(found)
     return accepted
 
