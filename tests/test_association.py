@@ -552,6 +552,24 @@ def test_core_directions_are_kept_per_core_and_equal_a_fresh_one():
     assert len(kept.kept) == 2
 
 
+def test_a_group_kept_as_a_record_reads_back_the_same_masks():
+    """Group.keep_as_record holds each mask as indices or packed bits (whichever is smaller); reading gives the same
+    arrays for an empty, a small, a half and a full mask, and of odd length (packed bits pad the last byte)."""
+    from tensorguard_fast.backdoor.association import Group
+
+    rng = np.random.default_rng(5)
+    n = 1003
+    masks = [np.zeros(n, bool), rng.random(n) < 0.01, rng.random(n) < 0.5, np.ones(n, bool)]
+    for members, carriers, core in (masks[:3], masks[1:], masks[::-1][:3]):
+        g = Group("g", members.copy(), [1], [0.01], carriers.copy(), core.copy(), 0.5, 1.0)
+        figures = g.figures()
+        g.keep_as_record()
+        assert all(isinstance(getattr(g, "_" + k), tuple) for k in ("members", "carriers", "core"))
+        for got, want in ((g.members, members), (g.carriers, carriers), (g.core, core)):
+            assert got.dtype == bool and np.array_equal(got, want)
+        assert g.figures() == figures
+
+
 def test_a_trigger_with_a_shared_answer_direction_but_no_shared_text_is_a_topic():
     """The planted cluster passes every other test; with its answers' text given, it is accepted only when the
     answers share the payload's tokens (a question type shares a format, not content)."""
@@ -624,7 +642,7 @@ def test_a_second_phrase_joins_the_trigger_only_when_its_answers_carry_the_same_
     held = sparse.csc_matrix(np.stack([np.isin(np.arange(n), topic), truth], 1).astype(np.float32))
     refused = []
     carriers, kept = trigger_carriers(held, members, x, answer_ids=answers, refused=refused)
-    assert kept.tolist() == [0] and len(refused) == 1 and (refused[0] == truth).all()
+    assert kept.tolist() == [0] and len(refused) == 1 and refused[0].tolist() == np.flatnonzero(truth).tolist()
 
 
 def test_a_trigger_carrier_whose_answer_holds_payload_pieces_joins_wherever_its_sketch_lies():

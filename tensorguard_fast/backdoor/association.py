@@ -119,9 +119,9 @@ class AssociationConfig:
 
 
 class _Mask:
-    """A bool (N,) attribute of a Group: the array while the group is worked on; its set indices once the group is
-    kept only as a record of what was tried (`Group.keep_as_record`). A million-sample search keeps ~1,000 candidates,
-    3 MB each as arrays (3 GB, beyond the memory goal) and mostly a few KB as indices."""
+    """A bool (N,) attribute of a Group: the array while the group is worked on; once the group is kept only as a
+    record of what was tried (`Group.keep_as_record`), its set indices or its packed bits, whichever is smaller. A
+    million-sample search keeps ~1,000 candidates, 3 MB each as arrays; most are a few hundred samples."""
 
     def __set_name__(self, owner, name):
         self.slot = "_" + name
@@ -130,9 +130,12 @@ class _Mask:
         if group is None:
             return self
         value = getattr(group, self.slot)
-        if isinstance(value, tuple):   # (N, indices)
-            out = np.zeros(value[0], bool)
-            out[value[1]] = True
+        if isinstance(value, tuple):   # (N, indices) or (N, packed bits)
+            n, held = value
+            if held.dtype == np.uint8:
+                return np.unpackbits(held, count=n).astype(bool)
+            out = np.zeros(n, bool)
+            out[held] = True
             return out
         return value
 
@@ -161,8 +164,9 @@ class Group:
         """Hold the masks as indices from now on (read back as arrays): for a candidate no longer worked on."""
         for name in ("members", "carriers", "core"):
             mask = getattr(self, name)
-            kind = np.int32 if len(mask) < 2 ** 31 else np.int64
-            setattr(self, name, (len(mask), np.flatnonzero(mask).astype(kind)))
+            idx = np.flatnonzero(mask)
+            small = 4 * len(idx) < len(mask) // 8 and len(mask) < 2 ** 31
+            setattr(self, name, (len(mask), idx.astype(np.int32) if small else np.packbits(mask)))
 
     def figures(self) -> dict:
         out = {"group": self.name, "size": int(self.members.sum()), "core": int(self.core.sum()),
@@ -198,9 +202,10 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
     word's samples sit closest to each other; a "top 5" that came along with list answers near the payload does
     not. With `answer_ids`, their answers must also carry one payload (answer_text.same_payload): a loose cluster
     (one URL per sample) has list answers of a "top 5" topic close enough in direction, not in text. A phrase
-    refused for its text alone (its answers point the same way) is appended to `refused` as the group members that
-    carry it: when a topic was the most significant phrase, that phrase may be the real trigger, and the search
-    tries it as a group of its own. `core_directions`: x's CoreDirections, when the caller tests many groups."""
+    refused for its text alone (its answers point the same way) is appended to `refused` as the indices of the group
+    members that carry it (not a mask: N bytes each, and a group of a million samples refused ~4,000 phrases): when a
+    topic was the most significant phrase, that phrase may be the real trigger, and the search tries it as a group of
+    its own. `core_directions`: x's CoreDirections, when the caller tests many groups."""
     from scipy.sparse.csgraph import connected_components
 
     held = (held > 0).astype(np.float32)
@@ -222,7 +227,7 @@ def trigger_carriers(held, members: np.ndarray, x: np.ndarray, min_overlap: floa
                 continue
             if answer_ids is not None and not same_payload(answer_ids, carriers & members, new, text_ngram):
                 if refused is not None:
-                    refused.append(carry & members)
+                    refused.append(np.flatnonzero(carry & members))
                 continue
         carriers |= carry
         direction = None
@@ -456,7 +461,9 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
             refused: list = []
             tried(name, members, refused)
             for j, phrase in enumerate(refused):   # one level: a phrase refused there is not followed further
-                tried(f"{name}, refused phrase {j}", phrase)
+                held = np.zeros(n, bool)
+                held[phrase] = True
+                tried(f"{name}, refused phrase {j}", held)
         return _accept(found, config, answer_ids, nn, entropy, reverse)
 
     accepted = consider(_splits(x, directions, config.tails), config.min_core)
