@@ -15,6 +15,9 @@ Routes, each scoring the whole set batch by batch as scan.score_batch does (forw
   prefix hook, prefix.for_dataset): the template runs once per scan.
 - forward: model(**batch) under no_grad, logits included, on the same batches: a plain batched forward.
 tokens = tokens the forward passes computed (padding included; gradsentry: real tokens, plus its backward).
+floor: the decoder's Linear layers alone (the matrix products no route can skip), timed on this machine in the same
+run on 16 x 30 rows (a batch's shape), per computed token; times the shared_scan route's tokens per sample it is a
+floor under that route's time per sample, and today / that floor is the most that sharing these tokens could gain.
 Rounds alternate the route order; medians of each route and of the per-round ratios (on a loaded machine the
 per-round ratios are the numbers to read: a route's own median moves with the load). Writes
 bench/results/bench_entropy.json.
@@ -119,6 +122,27 @@ def routes(model, batches, gradsentry_n):
             "gradsentry": gradsentry}, len(singles)
 
 
+def linear_floor(model, rows: int = 16 * 30, repeats: int = 5) -> float:
+    """Seconds per token of the decoder's Linear layers alone (lm_head left out: it runs on answer positions only),
+    each shape timed on `rows` rows (best of `repeats`) and counted as often as the model holds it."""
+    from collections import Counter
+
+    shapes = Counter((m.in_features, m.out_features) for name, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
+    total = 0.0
+    with torch.no_grad():
+        for (i, o), count in shapes.items():
+            x, w = torch.randn(rows, i), torch.randn(o, i)
+            torch.nn.functional.linear(x, w)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                torch.nn.functional.linear(x, w)
+                best = min(best, time.perf_counter() - t0)
+            total += count * best / rows
+    return total
+
+
 def run_set(model, batches, repeats, gradsentry_n):
     fns, n_gs = routes(model, batches, gradsentry_n)
     n = sum(b["input_ids"].shape[0] for b in batches)
@@ -169,7 +193,14 @@ def main(argv=None):
         batches = batches_of(model, tok, dataset)
         load_before = os.getloadavg()[0]
         rows, ratios, parity = run_set(model, batches, args.repeats, args.gradsentry)
-        results[name] = {"rows": rows, "ratios": ratios, "max_score_diff_today_vs_shared": parity,
+        per_token = linear_floor(model)
+        shared = next(r for r in rows if r["route"] == "shared_scan")
+        today = next(r for r in rows if r["route"] == "today")
+        least = per_token * shared["tokens_per_sample"]   # s a sample: shared_scan's tokens through Linear layers
+        floor = {"linear_s_per_token": per_token, "shared_scan_floor_s_per_sample": least,
+                 "shared_scan_over_floor": shared["p50_s_per_sample"] / least,
+                 "today_over_floor": today["p50_s_per_sample"] / least}
+        results[name] = {"rows": rows, "ratios": ratios, "floor": floor, "max_score_diff_today_vs_shared": parity,
                          "real_tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
                          "load_avg_1min": [load_before, os.getloadavg()[0]]}
         print_table(f"SmolLM2-135M, fanoutqa, {name}, {args.samples} samples in batches of {BATCH}, "
@@ -178,6 +209,10 @@ def main(argv=None):
         for k, v in ratios.items():
             print(f"  {k}: {v:.2f}")
         print(f"  max |score today - score shared_scan|: {parity:.2e}")
+        print(f"  floor: Linear layers {per_token * 1e3:.2f} ms a token; shared_scan's tokens need "
+              f"{floor['shared_scan_floor_s_per_sample'] * 1e3:.1f} ms a sample there; shared_scan takes "
+              f"{floor['shared_scan_over_floor']:.2f}x that, today {floor['today_over_floor']:.2f}x (the most sharing "
+              f"these tokens could gain)")
     write_results("bench_entropy", [], {"sets": results, "threads": torch.get_num_threads(), "batch": BATCH,
                                         "samples": args.samples, "repeats": args.repeats, "note": args.note,
                                         "cpu": machine_info().get("cpu")})

@@ -119,9 +119,10 @@ class AssociationConfig:
 
 
 class _Mask:
-    """A bool (N,) attribute of a Group: the array while the group is worked on; once the group is kept only as a
-    record of what was tried (`Group.keep_as_record`), its set indices or its packed bits, whichever is smaller. A
-    million-sample search keeps ~1,000 candidates, 3 MB each as arrays; most are a few hundred samples."""
+    """A bool (N,) attribute of a Group: the array while the group is being formed; once it is a candidate
+    (`Group.keep_as_record`), its set indices or its packed bits, whichever is smaller, read back as a new array on
+    each access (so never changed in place; a new mask is assigned whole). A million-sample search holds ~1,000
+    candidates at once, 3 MB each as arrays; most are a few hundred samples."""
 
     def __set_name__(self, owner, name):
         self.slot = "_" + name
@@ -161,7 +162,7 @@ class Group:
         self.shared_text, self.shared_tokens = shared_text, shared_tokens
 
     def keep_as_record(self) -> None:
-        """Hold the masks as indices from now on (read back as arrays): for a candidate no longer worked on."""
+        """Hold the masks compactly from now on (read back as arrays; `_Mask`)."""
         for name in ("members", "carriers", "core"):
             mask = getattr(self, name)
             idx = np.flatnonzero(mask)
@@ -455,6 +456,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
             group = _candidate(f"{centre}-centred {name}", members, incidence, vocab, x, nn, entropy, config,
                                answer_ids, refused, counts, reverse, core_directions)
             if group is not None:
+                group.keep_as_record()   # ~1,000 candidates at a million samples: 3 MB each as masks
                 found.append(group)
 
         for name, members in groups:
@@ -469,9 +471,6 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
     accepted = consider(_splits(x, directions, config.tails), config.min_core)
     if not accepted and config.token_seeds:
         accepted = consider(_token_seeds(incidence, nn, config.token_seeds), 2)
-    for g in found:
-        if not any(g is a for a in accepted):
-            g.keep_as_record()
     candidates.extend(found)
     return accepted
 
