@@ -10,6 +10,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .ragged import row_positions
+
 SAMPLE = 2000   # answers drawn from each side: a share is then known to +-0.011 (1 SD), against a 0.25 floor
 TOP = 50        # most frequent n-grams of the group tried
 BLOCK = 16384   # answers per block while their n-gram codes are built (the Python tuples of a block at once)
@@ -41,10 +43,8 @@ class TokenRows:
 
     def take(self, idx: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(lengths, concatenated ids) of the rows `idx`."""
-        idx = np.asarray(idx, dtype=np.int64)
-        lengths = self.start[idx + 1] - self.start[idx]
-        before = np.cumsum(lengths) - lengths
-        return lengths, self.flat[np.repeat(self.start[idx] - before, lengths) + np.arange(int(lengths.sum()))]
+        lengths, at = row_positions(self.start, idx)
+        return lengths, self.flat[at]
 
 
 class GramCodes:
@@ -77,10 +77,7 @@ class GramCodes:
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """The codes of the answers `idx`, in that order."""
-        idx = np.asarray(idx, dtype=np.int64)
-        lengths = self.start[idx + 1] - self.start[idx]
-        before = np.cumsum(lengths) - lengths
-        return self.codes[np.repeat(self.start[idx] - before, lengths) + np.arange(int(lengths.sum()))]
+        return self.codes[row_positions(self.start, idx)[1]]
 
     def gram(self, code: int) -> tuple:
         digits = []

@@ -22,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 
+from .ragged import row_positions
+
 # Exact below this many rows, where it costs little: at 20,000 rows (D = 128, one BLAS thread) exact took 2.8 s and the
 # approximate search 1.1 s (recall 0.991, bench/results/bench_neighbours_1threads.json; with OpenBLAS's two threads
 # on a busy machine 3.4 and 5.9 s, its many small products suffer most). Beyond, exact grows as N^2 (8.9 s at 40,000
@@ -217,10 +219,7 @@ class ReverseNeighbours:
         out = np.zeros(self.n, np.int64)
         idx = np.flatnonzero(group)
         for r0 in range(0, len(idx), CANDIDATE_BLOCK):   # gathered positions a block at a time
-            part = idx[r0:r0 + CANDIDATE_BLOCK]
-            lengths = self.start[part + 1] - self.start[part]
-            before = np.cumsum(lengths) - lengths
-            at = np.repeat(self.start[part] - before, lengths) + np.arange(int(lengths.sum()))
+            at = row_positions(self.start, idx[r0:r0 + CANDIDATE_BLOCK])[1]
             if 8 * len(at) < self.n:   # a few rows: no pass over all N (a round of closure adds a handful)
                 np.add.at(out, self.rows[at], 1)
             else:

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .ragged import row_positions
+
 BLOCK = 16384   # samples per block while the incidence is built (no array per sample, no int64 array of all pairs)
 
 
@@ -72,11 +74,7 @@ class TokenCounts:
     def _count(self, idx: np.ndarray) -> np.ndarray:
         out = np.zeros(self.width, np.int64)
         for r0 in range(0, len(idx), BLOCK):   # the gathered positions a block at a time: no N-sized index array
-            part = idx[r0:r0 + BLOCK]
-            lengths = self.start[part + 1] - self.start[part]
-            before = np.cumsum(lengths) - lengths
-            at = np.repeat(self.start[part] - before, lengths) + np.arange(int(lengths.sum()))
-            out += np.bincount(self.columns[at], minlength=self.width)
+            out += np.bincount(self.columns[row_positions(self.start, idx[r0:r0 + BLOCK])[1]], minlength=self.width)
         return out.astype(np.float32)
 
 
