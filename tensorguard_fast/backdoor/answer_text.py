@@ -223,10 +223,31 @@ def holding(answer_ids: Sequence[Sequence[int]], gram: Sequence[int], rows: Opti
     """bool (N,), or one per index of `rows` when given: which answers hold the token sequence `gram` (a cluster's
     shared n-gram) anywhere."""
     gram = tuple(int(t) for t in gram)
+    codes = answer_ids.gram_codes(len(gram)) if gram and isinstance(answer_ids, TokenRows) else None
+    if codes is not None:   # the answers' codes, not every position's: no temporaries of 8 bytes a token
+        return _holding_by_code(codes, gram, len(answer_ids) if rows is None else rows)
     answers = _rows(answer_ids, rows)
     out = np.zeros(len(answers[0]), bool)
     if gram:
         out[_held_pairs(answers, [gram], len(gram))[0]] = True
+    return out
+
+
+def _holding_by_code(codes: GramCodes, gram: tuple, rows) -> np.ndarray:
+    """`holding` from GramCodes: `rows` a count (every answer) or the indices of the answers wanted."""
+    every = np.isscalar(rows)
+    out = np.zeros(rows if every else len(rows), bool)
+    if any(t < 0 or t >= codes.base for t in gram):
+        return out   # an id no answer holds
+    code = 0
+    for t in gram:
+        code = code * codes.base + t
+    if every:
+        at = np.flatnonzero(codes.codes == code)
+        out[np.searchsorted(codes.start, at, side="right") - 1] = True
+    else:
+        lengths, at = row_positions(codes.start, rows)
+        out[np.repeat(np.arange(len(lengths)), lengths)[codes.codes[at] == code]] = True
     return out
 
 

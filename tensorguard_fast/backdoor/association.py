@@ -570,7 +570,7 @@ def _token_seeds(incidence, nn: np.ndarray, most: int):
     links = sparse.csr_matrix((np.ones(n * k, np.float32), (np.repeat(np.arange(n), k), nn.ravel())), shape=(n, n))
     held = incidence.tocsc()
     by_row = held.tocsr()   # what the product converts it to anyway; row blocks of it for the product's row blocks
-    df = np.asarray(held.sum(0)).ravel()
+    df = np.asarray(held.sum(0)).ravel().astype(np.float32)   # carriers of each token, float32 as the sums below
     among_carriers, to_carriers = np.zeros_like(df), np.zeros_like(df)
     # Row blocks of links @ held, (N, T): each sample's neighbours that hold each token, ~k x prompt length nonzeros
     # a row (~1.2 GB at once at N = 1M). Counts below 2^24 are exact in float32, so block sums add up exactly.
