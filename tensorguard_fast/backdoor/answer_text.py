@@ -52,8 +52,8 @@ class GramCodes:
     iterating its `_grams` set meets them, rows one after another. A Counter fed the sets of some answers in turn
     (what `_enrichments` did per candidate, ~20 ms for 2,000 answers) then equals counting these codes, with each
     gram's first position as the Counter's insertion order: so `most_common`'s order among equal counts, which
-    decides the n-gram reported, is kept exactly. One Python pass over all answers per call (~5 us an answer)
-    instead of one over 2,000 per test; ~8 bytes a distinct n-gram held."""
+    decides the n-gram reported, is kept exactly. One Python pass over all answers per call (0.8 s for 100,000
+    answers of 4-13 tokens) instead of one over 2,000 per test; 8 bytes a distinct n-gram held."""
 
     def __init__(self, base: int, n: int, codes: np.ndarray, start: np.ndarray):
         self.base, self.n, self.codes, self.start = base, n, codes, start
