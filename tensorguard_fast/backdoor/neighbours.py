@@ -89,7 +89,7 @@ def _inverted_file(x, k, probes, lists, sample, rng) -> np.ndarray:
     route = _nearest_centres(x, centres, min(probes, lists))   # (N, probes): column 0 is the row's own list
     rows, start = _grouped(route[:, 0], lists)
     visits, vstart = _grouped(route[:, 1:].ravel(), lists)     # (row, other probed list) pairs by list
-    visits = (visits // (route.shape[1] - 1 or 1)).astype(np.int32 if n < 2 ** 31 else np.int64)  # -> querying row
+    visits //= route.shape[1] - 1 or 1                          # pair -> the querying row
     del route
     best_v = np.full((n, m), -np.inf, dtype=np.float32)
     best_i = np.full((n, m), -1, dtype=np.int64)
@@ -100,7 +100,6 @@ def _inverted_file(x, k, probes, lists, sample, rng) -> np.ndarray:
         _search_list(x, members, members, best_v, best_i)
     for c in range(lists):
         _search_list(x, rows[start[c]:start[c + 1]], visits[vstart[c]:vstart[c + 1]], best_v, best_i)
-    del visits, rows, members, best_v   # freed before the ids are copied out, the search's largest moment
     out = _drop_self(best_i, np.arange(n))
     short = np.nonzero((best_i < 0).any(1))[0]  # its probed lists held under k others: search it exactly
     out[short] = exact_neighbours(x, k, short)
