@@ -69,10 +69,7 @@ class GramCodes:
             counts.append(np.fromiter(map(len, sets), np.int64, len(sets)))
             digits = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(sets)), np.int64,
                                  int(counts[-1].sum()) * n).reshape(-1, n)
-            code = np.zeros(len(digits), np.int64)
-            for k in range(n):
-                code = code * base + digits[:, k]
-            codes.append(code)
+            codes.append(_codes(digits, base))
         return cls(base, n, np.concatenate(codes), np.concatenate([[0], np.cumsum(np.concatenate(counts))]))
 
     def take(self, idx: np.ndarray) -> np.ndarray:
@@ -85,6 +82,23 @@ class GramCodes:
             code, d = divmod(int(code), self.base)
             digits.append(d)
         return tuple(digits[::-1])
+
+
+def _codes(digits: np.ndarray, base: int) -> np.ndarray:
+    """int64 (M,): each row of an (M, n) array of ids as one code, the ids as digits in base `base` (the callers
+    check that base^n < 2^63)."""
+    code = np.zeros(len(digits), np.int64)
+    for k in range(digits.shape[1]):
+        code = code * base + digits[:, k]
+    return code
+
+
+def _lookup(wanted: np.ndarray, codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(found, index): which of `codes` are among the non-empty `wanted`, and for each the index in `wanted` of its
+    match (the first, for repeats; meaningless where not found)."""
+    order = np.argsort(wanted, kind="stable")
+    at = np.minimum(np.searchsorted(wanted[order], codes), len(order) - 1)
+    return wanted[order][at] == codes, order[at]
 
 
 def _concatenated(rows: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
@@ -123,18 +137,13 @@ def _held_pairs(answers, grams: Sequence[tuple], n: int) -> Tuple[np.ndarray, np
     base = int(max(flat.max(initial=0), wanted.max(initial=0))) + 1
     if len(flat) < n or base ** n >= 2 ** 63 or (wanted < 0).any() or (flat < 0).any():
         return _held_pairs_slow(np.split(flat, np.cumsum(lengths)[:-1]), grams, n)
-    codes, gram_codes = np.zeros(len(flat) - n + 1, np.int64), np.zeros(len(grams), np.int64)
-    for k in range(n):
-        codes = codes * base + flat[k:len(flat) - n + 1 + k]
-        gram_codes = gram_codes * base + wanted[:, k]
+    codes = _codes(np.lib.stride_tricks.sliding_window_view(flat, n), base)   # one per position
     owner = np.repeat(np.arange(len(lengths)), lengths)[:len(codes)]
     ends = np.cumsum(lengths)
     whole = ends[owner] - np.arange(len(codes)) >= n   # the n-gram lies inside one answer
-    order = np.argsort(gram_codes, kind="stable")
-    at = np.searchsorted(gram_codes[order], codes)
-    at = np.minimum(at, len(order) - 1)
-    hit = whole & (gram_codes[order][at] == codes)
-    pairs = np.unique(np.stack([owner[hit], order[at[hit]]], 1), axis=0)
+    found, which = _lookup(_codes(wanted, base), codes)
+    hit = whole & found
+    pairs = np.unique(np.stack([owner[hit], which[hit]], 1), axis=0)
     return pairs[:, 0], pairs[:, 1]
 
 
@@ -182,11 +191,9 @@ def _enrichments_by_code(codes: GramCodes, inside: np.ndarray, outside: np.ndarr
     wanted = uniq[top]
     rest = np.zeros(len(top))
     if len(outside):
-        out = codes.take(outside)
-        order = np.argsort(wanted)
-        pos = np.minimum(np.searchsorted(wanted[order], out), len(top) - 1)
-        hit = wanted[order][pos] == out   # an answer holds each of its codes once: a hit is one (answer, gram) pair
-        rest = np.bincount(order[pos[hit]], minlength=len(top)) / len(outside)
+        found, which = _lookup(wanted, codes.take(outside))
+        # an answer holds each of its codes once: a hit is one (answer, gram) pair
+        rest = np.bincount(which[found], minlength=len(top)) / len(outside)
     return [(int(c) / len(inside) - float(share), codes.gram(u)) for u, c, share in zip(wanted, count[top], rest)]
 
 
@@ -239,9 +246,7 @@ def _holding_by_code(codes: GramCodes, gram: tuple, rows) -> np.ndarray:
     out = np.zeros(rows if every else len(rows), bool)
     if any(t < 0 or t >= codes.base for t in gram):
         return out   # an id no answer holds
-    code = 0
-    for t in gram:
-        code = code * codes.base + t
+    code = int(_codes(np.array([gram], np.int64), codes.base)[0])
     if every:
         at = np.flatnonzero(codes.codes == code)
         out[np.searchsorted(codes.start, at, side="right") - 1] = True

@@ -436,12 +436,9 @@ def _beyond_chance(core: np.ndarray, wide: Optional[np.ndarray], config: Associa
 
 
 def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[Group], covariance: bool,
-            answer_ids=None, counts: Optional[TokenCounts] = None,
-            reverse: Optional[ReverseNeighbours] = None) -> List[Group]:
+            answer_ids, counts: TokenCounts, reverse: ReverseNeighbours) -> List[Group]:
     """Steps 1-5 in one view of the sketches: the accepted groups; every candidate is appended to `candidates`.
     `counts`, `reverse`: as for `_candidate`."""
-    counts = TokenCounts(incidence) if counts is None else counts
-    reverse = ReverseNeighbours(nn) if reverse is None else reverse
     core_directions = CoreDirections(x)
     n = len(x)
     directions = principal_directions(x, config.directions, covariance)
@@ -476,7 +473,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
 
 
 def _accept(candidates: List[Group], config: AssociationConfig, answer_ids, nn: np.ndarray,
-            entropy: np.ndarray, reverse: Optional[ReverseNeighbours] = None) -> List[Group]:
+            entropy: np.ndarray, reverse: ReverseNeighbours) -> List[Group]:
     """The candidates that pass step 4, purest first, one per cluster. A candidate whose core falls short of the
     purity or evidence floor is judged again on its core plus the members whose answers hold the core's shared
     n-gram (`_with_payload_holders`)."""
@@ -489,7 +486,7 @@ def _accept(candidates: List[Group], config: AssociationConfig, answer_ids, nn: 
             if g.shared_text < config.min_shared_text:
                 continue   # a question type: its answers share a format, not a payload
             # each sample's nearest neighbours in the core, for both tests below
-            around = g.core[nn].sum(1) if reverse is None else reverse.count(g.core)
+            around = reverse.count(g.core)
             if _common_text(g, answer_ids, around):
                 continue   # a stock line a few of the group's answers happen to end with
         if not _evidence(g.purity, g.entropy_lift, config) and not (
