@@ -88,11 +88,10 @@ def _inverted_file(x, k, probes, lists, sample, rng) -> np.ndarray:
     centres = _spherical_kmeans(x, lists, sample or SAMPLE_PER_LIST * lists, rng)
     route = _nearest_centres(x, centres, min(probes, lists))   # (N, probes): column 0 is the row's own list
     rows, start = _grouped(route[:, 0], lists)
-    visits, vstart = _grouped(route[:, 1:].ravel(), lists)     # (row, other probed list) pairs by list
-    visits //= route.shape[1] - 1 or 1                          # pair -> the querying row
+    visits, vstart = _visitors(route[:, 1:], lists)
     del route
     best_v = np.full((n, m), -np.inf, dtype=np.float32)
-    best_i = np.full((n, m), -1, dtype=np.int64)
+    best_i = np.full((n, m), -1, dtype=np.int32 if n < 2 ** 31 else np.int64)   # 4-byte ids: its largest array
     # Every row searches its own list first, where most of its neighbours are: the bar this sets is one that most
     # other lists do not beat, and those skip the selection and the merge.
     for c in range(lists):
@@ -100,8 +99,10 @@ def _inverted_file(x, k, probes, lists, sample, rng) -> np.ndarray:
         _search_list(x, members, members, best_v, best_i)
     for c in range(lists):
         _search_list(x, rows[start[c]:start[c + 1]], visits[vstart[c]:vstart[c + 1]], best_v, best_i)
-    out = _drop_self(best_i, np.arange(n))
+    del rows, visits, best_v   # freed before the output is made: the search's last moment is its largest
     short = np.nonzero((best_i < 0).any(1))[0]  # its probed lists held under k others: search it exactly
+    out = _drop_self(best_i, np.arange(n)).astype(np.int64)
+    del best_i
     out[short] = exact_neighbours(x, k, short)
     return out
 
@@ -110,6 +111,31 @@ def _grouped(label, lists):
     """Indices of `label` grouped by value (stable), and where each value's group starts."""
     order = np.argsort(label, kind="stable")
     return order, np.searchsorted(label[order], np.arange(lists + 1))
+
+
+def _visitors(others, lists):
+    """The rows that probe each list as one of their other lists (`others`: (N, probes - 1) list ids), in row order,
+    and where each list's rows start: what a stable argsort of the raveled pairs, divided by probes - 1, gives. Built
+    by counting, a block of rows at a time, into 4-byte row ids: the argsort would hold an 8-byte index per pair and
+    its sorted labels (~300 MB at a million rows, 16 probes: the search's largest moment)."""
+    n, per = others.shape
+    ids = np.int32 if n < 2 ** 31 else np.int64
+    step = max(1, CANDIDATE_BLOCK * 64 // max(per, 1))   # ~1M pairs a block
+    counts = np.zeros(lists, dtype=np.int64)
+    for r0 in range(0, n, step):
+        counts += np.bincount(others[r0:r0 + step].ravel(), minlength=lists)
+    start = np.concatenate([[0], np.cumsum(counts)])
+    out = np.empty(int(start[-1]), dtype=ids)
+    cursor = start[:-1].copy()
+    for r0 in range(0, n, step):
+        block = others[r0:r0 + step].ravel()
+        order = np.argsort(block, kind="stable")
+        label = block[order]
+        here = np.bincount(block, minlength=lists)
+        first = np.cumsum(here) - here   # where each list's pairs start in the sorted block
+        out[cursor[label] + np.arange(len(block)) - first[label]] = r0 + order // per
+        cursor += here
+    return out, start
 
 
 def _search_list(x, rows, queries, best_v, best_i) -> None:
