@@ -9,7 +9,9 @@ Routes, each scoring the whole set batch by batch as scan.score_batch does (forw
 - gradsentry: batch size 1, model.train(), autograd of the mean answer loss w.r.t. the lm_head weight (a full
   backward pass), crop, torch.svd_lowrank(q=16, niter=2), entropy; on the first --gradsentry samples only (its cost
   is per sample), reported per sample.
-- today: the full forward per length group (share_prefix=False), as before the shared prefix.
+- today: the full forward of every real token per length group, as before this issue (no shared prefix, nothing cut).
+- cut_only: the same less the tokens after each row's last scored position (entropy.through_last_scored; its end
+  token), no shared prefix: fast_entropy with share_prefix=False, and what sharing adds to.
 - shared_batch: the shared prefix found and run once per batch (what fast_entropy / scan do with no cache held).
 - shared_scan: one PrefixCache for the whole scan, made from the prefix every sample shares (scan.py with the
   prefix hook, prefix.for_dataset): the template runs once per scan.
@@ -80,8 +82,20 @@ def routes(model, batches, gradsentry_n):
         svals, _ = gram_spectrum_from_hidden(hidden, weight, targets)
         return spectral_entropy(svals, 16)
 
+    def score_every_token(batch):   # as before this issue: every real token computed, nothing shared
+        hidden = entropy.lm_head_inputs(model, batch["input_ids"], batch["attention_mask"], share_prefix=False)
+        svals, _ = gram_spectrum_from_hidden(hidden, entropy.output_embedding(model).weight.detach(),
+                                             entropy.answer_targets(batch["labels"]))
+        return spectral_entropy(svals, 16)
+
     def today():
-        return torch.cat([score(b, share_prefix=False) for b in batches]), sum(group_tokens(b) for b in batches)
+        return torch.cat([score_every_token(b) for b in batches]), sum(group_tokens(b) for b in batches)
+
+    def cut_only():
+        cut = [dict(b, attention_mask=entropy.through_last_scored(b["attention_mask"],
+                                                                  entropy.answer_targets(b["labels"])))
+               for b in batches]
+        return torch.cat([score(b, share_prefix=False) for b in batches]), sum(group_tokens(b) for b in cut)
 
     def shared_batch():
         out, tokens = [], 0
@@ -118,7 +132,7 @@ def routes(model, batches, gradsentry_n):
             model.eval()
         return s, sum(b["input_ids"].numel() for b in singles)
 
-    return {"today": today, "shared_batch": shared_batch, "shared_scan": shared_scan, "forward": forward,
+    return {"today": today, "cut_only": cut_only, "shared_batch": shared_batch, "shared_scan": shared_scan, "forward": forward,
             "gradsentry": gradsentry}, len(singles)
 
 
@@ -161,7 +175,8 @@ def run_set(model, batches, repeats, gradsentry_n):
     per_sample = {k: statistics.median(v) / (n_gs if k == "gradsentry" else n) for k, v in times.items()}
     # same samples, same round: a time ratio is a throughput ratio
     paired = {f"{a}_over_{b}": statistics.median(times[a][i] / times[b][i] for i in range(repeats))
-              for a, b in [("today", "shared_scan"), ("today", "shared_batch"), ("forward", "shared_scan")]}
+              for a, b in [("today", "shared_scan"), ("today", "shared_batch"), ("today", "cut_only"),
+                           ("forward", "shared_scan")]}
     for b in ("shared_scan", "today"):   # per sample, same round
         paired[f"gradsentry_over_{b}"] = statistics.median(times["gradsentry"][i] / n_gs / (times[b][i] / n)
                                                            for i in range(repeats))

@@ -244,3 +244,34 @@ def test_scored_label_from_padding_is_an_error():
     labels[1, 2] = ids[1, 2]             # ... and its first real token scored: predicted from padding
     with pytest.raises(ValueError, match="sample 1: a scored label would be predicted from a padding position"):
         fast_entropy(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+
+
+def test_tokens_after_the_last_scored_position_are_not_computed():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    targets = torch.full_like(mask, -100)
+    targets[0, 2:4] = 7    # scored up to position 3: position 4 (its end token) is cut
+    targets[2, 5] = 7      # the last position scored: nothing to cut
+    cut = entropy.through_last_scored(mask, targets)
+    assert cut.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]   # row 1 scores nothing
+    left = mask.flip(1)
+    assert torch.equal(entropy.through_last_scored(left, targets.flip(1)), left)
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 64, (3, 9))
+    labels = torch.full_like(ids, -100)
+    labels[:, 3:6] = ids[:, 3:6]   # answers end at position 5; positions 5..8 predict nothing
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    computed = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: computed.append(args[0].numel()))
+    try:
+        hidden, _, targets = entropy.gradient_inputs(model, batch, share_prefix=False)
+    finally:
+        hook.remove()
+    assert sum(computed) == 3 * 5
+    full = entropy.lm_head_inputs(model, ids, batch["attention_mask"], share_prefix=False)
+    assert torch.allclose(hidden[:, :5], full[:, :5], atol=1e-6, rtol=0)
+    assert not hidden[:, 5:].any()

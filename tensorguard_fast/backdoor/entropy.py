@@ -240,8 +240,23 @@ def gradient_inputs(model, batch, prefix_cache: Optional[PrefixCache] = None, sh
         b = int(from_padding.any(1).nonzero()[0, 0])
         raise ValueError(f"sample {b}: a scored label would be predicted from a padding position (attention_mask 0); "
                          "labels must be -100 on padding and on a sample's first token")
-    hidden = lm_head_inputs(model, input_ids, attention_mask, share_prefix, prefix_cache)
+    hidden = lm_head_inputs(model, input_ids, through_last_scored(attention_mask, targets), share_prefix,
+                            prefix_cache)
     return hidden, output_embedding(model).weight.detach(), targets
+
+
+def through_last_scored(attention_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The attention mask cut after each row's last scored position. In a causal model a later token feeds no scored
+    position (the end-of-answer token is one: the last answer token predicts it, and it predicts nothing), so it need
+    not be computed; the positions kept get the hidden states they would have had. Right-padded batches only (a cut
+    left-padded row would have a hole); a row with nothing scored keeps its mask."""
+    if targets.numel() == 0 or _padding_side(attention_mask) != "right":
+        return attention_mask
+    scored = targets != IGNORE_INDEX
+    positions = torch.arange(targets.shape[1], device=targets.device)
+    last = torch.where(scored, positions, -1).max(1).values   # -1: nothing scored
+    keep = (positions[None, :] <= last[:, None]) | (last < 0)[:, None]
+    return attention_mask * keep.to(attention_mask.dtype)
 
 
 def fast_entropy(model, batch: Mapping[str, torch.Tensor], spectrum: str = "svd", rank: int = 16,
