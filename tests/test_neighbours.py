@@ -113,6 +113,7 @@ def test_approximate_blocks_do_not_change_the_answer(monkeypatch):
     monkeypatch.setattr(neighbours, "QUERY_BLOCK", 5)
     monkeypatch.setattr(neighbours, "CANDIDATE_BLOCK", 11)
     monkeypatch.setattr(neighbours, "CELLS", 5 * 11)
+    monkeypatch.setattr(neighbours, "SEARCH_CELLS", 3 * 11)
     assert (nearest_neighbours(x, 5, exact_below=0) == whole).all()
 
 
