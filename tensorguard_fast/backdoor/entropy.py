@@ -231,7 +231,8 @@ def gradient_spectrum(model, batch: Mapping[str, torch.Tensor], crop: int = 8) -
 
 
 def gradient_inputs(model, batch, prefix_cache: Optional[PrefixCache] = None, share_prefix: bool = True):
-    """(hidden, lm_head weight, targets): all the ops need for the per-sample lm_head gradients of a batch.
+    """(hidden, lm_head weight, targets): all the ops need for the per-sample lm_head gradients of a batch. Positions
+    after a row's last scored one are not computed (`through_last_scored`): like padding, they hold no hidden state.
     prefix_cache / share_prefix: see `lm_head_inputs` (a scan passes one cache for all its batches)."""
     input_ids, attention_mask, labels = check_batch(model, batch)
     targets = answer_targets(labels)
