@@ -102,7 +102,7 @@ def _inverted_file(x, k, probes, lists, sample, rng) -> np.ndarray:
         _search_list(x, members, members, best_v, best_i)
     for c in range(lists):
         _search_list(x, rows[start[c]:start[c + 1]], visits[vstart[c]:vstart[c + 1]], best_v, best_i)
-    del rows, visits, best_v   # freed before the output is made: the search's last moment is its largest
+    del rows, visits, best_v   # freed before the output is made, rather than held beside it
     short = np.nonzero((best_i < 0).any(1))[0]  # its probed lists held under k others: search it exactly
     out = _drop_self(best_i, np.arange(n)).astype(np.int64)
     del best_i
@@ -120,7 +120,7 @@ def _visitors(others, lists):
     """The rows that probe each list as one of their other lists (`others`: (N, probes - 1) list ids), in row order,
     and where each list's rows start: what a stable argsort of the raveled pairs, divided by probes - 1, gives. Built
     by counting, a block of rows at a time, into 4-byte row ids: the argsort would hold an 8-byte index per pair and
-    its sorted labels (~300 MB at a million rows, 16 probes: the search's largest moment)."""
+    its sorted labels (~300 MB at a million rows and 16 probes, which was the rule's peak)."""
     n, per = others.shape
     ids = np.int32 if n < 2 ** 31 else np.int64
     step = max(1, CANDIDATE_BLOCK * 64 // max(per, 1))   # ~1M pairs a block
