@@ -132,8 +132,8 @@ def routes(model, batches, gradsentry_n):
             model.eval()
         return s, sum(b["input_ids"].numel() for b in singles)
 
-    return {"today": today, "cut_only": cut_only, "shared_batch": shared_batch, "shared_scan": shared_scan, "forward": forward,
-            "gradsentry": gradsentry}, len(singles)
+    return {"today": today, "cut_only": cut_only, "shared_batch": shared_batch, "shared_scan": shared_scan,
+            "forward": forward, "gradsentry": gradsentry}, len(singles)
 
 
 def linear_floor(model, rows: int = 16 * 30, repeats: int = 5) -> float:
