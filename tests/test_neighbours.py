@@ -118,13 +118,13 @@ def test_approximate_blocks_do_not_change_the_answer(monkeypatch):
 
 
 @pytest.mark.parametrize("per, block", [(15, 1), (3, 2), (1, 1000), (15, 1000)])
-def test_visitors_are_the_stable_argsort_of_the_pairs(monkeypatch, per, block):
-    # Its definition: the raveled (row, other list) pairs sorted stably by list, each pair replaced by its row.
+def test_rows_by_list_are_the_stable_argsort_of_the_pairs(monkeypatch, per, block):
+    # Its definition: the raveled (row, list) pairs sorted stably by list, each pair replaced by its row.
     monkeypatch.setattr(neighbours, "CANDIDATE_BLOCK", block)   # blocks of a few rows, and one block
     rng = np.random.default_rng(per + block)
     lists = 40
     others = rng.integers(0, lists - 3, (997, per)).astype(np.int32)   # the last lists are probed by no row
     order = np.argsort(others.ravel(), kind="stable")
-    rows, start = neighbours._visitors(others, lists)
+    rows, start = neighbours._rows_by_list(others, lists)
     assert rows.dtype == np.int32 and (rows == order // per).all()
     assert (start == np.searchsorted(others.ravel()[order], np.arange(lists + 1))).all()

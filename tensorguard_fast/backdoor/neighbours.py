@@ -90,8 +90,8 @@ def _inverted_file(x, k, probes, lists, sample, rng) -> np.ndarray:
     lists = int(min(n, lists or default_lists(n, probes)))
     centres = _spherical_kmeans(x, lists, sample or SAMPLE_PER_LIST * lists, rng)
     route = _nearest_centres(x, centres, min(probes, lists))   # (N, probes): column 0 is the row's own list
-    rows, start = _grouped(route[:, 0], lists)
-    visits, vstart = _visitors(route[:, 1:], lists)
+    rows, start = _rows_by_list(route[:, :1], lists)        # each list's own rows
+    visits, vstart = _rows_by_list(route[:, 1:], lists)    # the rows that probe it as one of their other lists
     del route
     best_v = np.full((n, m), -np.inf, dtype=np.float32)
     best_i = np.full((n, m), -1, dtype=np.int32 if n < 2 ** 31 else np.int64)   # 4-byte ids: its largest array
@@ -110,28 +110,22 @@ def _inverted_file(x, k, probes, lists, sample, rng) -> np.ndarray:
     return out
 
 
-def _grouped(label, lists):
-    """Indices of `label` grouped by value (stable), and where each value's group starts."""
-    order = np.argsort(label, kind="stable")
-    return order, np.searchsorted(label[order], np.arange(lists + 1))
-
-
-def _visitors(others, lists):
-    """The rows that probe each list as one of their other lists (`others`: (N, probes - 1) list ids), in row order,
-    and where each list's rows start: what a stable argsort of the raveled pairs, divided by probes - 1, gives. Built
-    by counting, a block of rows at a time, into 4-byte row ids: the argsort would hold an 8-byte index per pair and
-    its sorted labels (~300 MB at a million rows and 16 probes, which was the rule's peak)."""
-    n, per = others.shape
+def _rows_by_list(labels, lists):
+    """The rows that hold each list among their `labels` ((N, c) list ids), in row order, and where each list's rows
+    start: what a stable argsort of the raveled labels, divided by c, gives. Built by counting, a block of rows at a
+    time, into 4-byte row ids: the argsort would hold an 8-byte index per (row, list) pair and its sorted labels
+    (~300 MB at a million rows and 15 other probed lists, which was the rule's peak)."""
+    n, per = labels.shape
     ids = np.int32 if n < 2 ** 31 else np.int64
     step = max(1, CANDIDATE_BLOCK * 64 // max(per, 1))   # ~1M pairs a block
     counts = np.zeros(lists, dtype=np.int64)
     for r0 in range(0, n, step):
-        counts += np.bincount(others[r0:r0 + step].ravel(), minlength=lists)
+        counts += np.bincount(labels[r0:r0 + step].ravel(), minlength=lists)
     start = np.concatenate([[0], np.cumsum(counts)])
     out = np.empty(int(start[-1]), dtype=ids)
     cursor = start[:-1].copy()
     for r0 in range(0, n, step):
-        block = others[r0:r0 + step].ravel()
+        block = labels[r0:r0 + step].ravel()
         order = np.argsort(block, kind="stable")
         label = block[order]
         here = np.bincount(block, minlength=lists)
