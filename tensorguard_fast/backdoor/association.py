@@ -254,12 +254,17 @@ class CoreDirections:
         self.x, self.most, self.kept = x, most, {}
 
     def __call__(self, core: np.ndarray):
-        key = hashlib.blake2b(np.packbits(core).tobytes(), digest_size=16).digest()
+        key = _mask_key(core)
         if key not in self.kept:
             if len(self.kept) >= self.most:
                 self.kept.pop(next(iter(self.kept)))
             self.kept[key] = _direction(self.x, core)
         return self.kept[key]
+
+
+def _mask_key(mask: np.ndarray) -> bytes:
+    """A 16-byte digest of a bool (N,) mask: what a group is remembered by (not its N / 8 packed bytes)."""
+    return hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
 
 
 def _near(x: np.ndarray, direction, new: np.ndarray) -> bool:
@@ -446,7 +451,7 @@ def _search(centre, x, nn, incidence, vocab, entropy, config, candidates: List[G
 
     def consider(groups, at_least):
         def tried(name, members, refused=None):
-            key = hashlib.blake2b(np.packbits(members).tobytes(), digest_size=16).digest()   # 16 bytes a group
+            key = _mask_key(members)
             if key in seen or not at_least <= members.sum() <= n - config.min_core:
                 return
             seen.add(key)
