@@ -1,8 +1,8 @@
 // moments: one read of a tensor -> count, mean, central sums M2..M4, min, max, L1, sum of squares, non-finite count.
 //
-// The tensor is cut into chunks of 4096 values, each read once (see reduce_chunk; bf16/fp16 chunks accumulate in
-// float32 blocks on AVX-512, see moments_avx512.h). Chunks, then threads, are combined with the pairwise update of Chan et al. / Terriberry for M2..M4, which is stable
-// whatever the magnitudes. Non-finite elements are counted and excluded from every other statistic.
+// The tensor is cut into chunks of 4096 values, each read once (see reduce_chunk; fp32/bf16/fp16 chunks accumulate
+// in float32 blocks on AVX-512 and AVX2, see moments_avx512.h, moments_avx2.h). Chunks, then threads, are combined
+// with the pairwise update of Chan et al. / Terriberry for M2..M4, which is stable whatever the magnitudes. Non-finite elements are counted and excluded from every other statistic.
 #include <algorithm>
 #include <cstdlib>
 #include <cmath>
@@ -97,15 +97,12 @@ Sums chunk_sums(const void* data, int64_t begin, int64_t len, double c) {
 #ifdef TGF_HAVE_AVX512_PATH
   if (DT != F64 && isa == ISA_AVX512) {
     ChunkSums a;
-    bool ok = false;
-    if constexpr (DT == BF16 || DT == F16) {
-      // float32 blocks (docs/methods.md: error <= ~13 u of the sums of |terms|, u = 2^-24); otherwise float64
-      ok = f32_blocks_with_retry(
-          [&](double shift, ChunkSums& out, double& retry) {
-            return chunk_f32acc<DT>(data, begin, len, shift, out, retry);
-          },
-          c, a);
-    }
+    // float32 blocks (docs/methods.md: error <= ~13 u of the sums of |terms|, u = 2^-24); otherwise float64
+    bool ok = f32_blocks_with_retry(
+        [&](double shift, ChunkSums& out, double& retry) {
+          return chunk_f32acc<DT>(data, begin, len, shift, out, retry);
+        },
+        c, a);
     if (!ok) ok = chunk_f64<DT>(data, begin, len, c, a);
     if (!ok) a = chunk_exact<DT>(data, begin, len, c);
     return a;

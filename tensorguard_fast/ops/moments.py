@@ -31,8 +31,8 @@ def moments(x: torch.Tensor, backend: Optional[str] = None) -> Moments:
 
     Formula: per chunk, power sums of d = x - c about a shift c near the mean, turned into central sums; chunks
     merged by the pairwise update of Chan et al. (M2) and Terriberry (M3, M4). Matches `reference.moments`
-    (float64) within 1e-6 relative where chunks are summed in float32 blocks on CPU (bf16/fp16, and fp32 on AVX2
-    CPUs), within 1e-10 otherwise; on GPUs within 4e-6 (docs/methods.md section 6).
+    (float64) within 1e-6 relative where chunks are summed in float32 blocks on CPU (fp32/bf16/fp16), within
+    1e-10 for float64; on GPUs within 4e-6 (docs/methods.md section 6).
     """
     x = _check(x, "moments")
     chosen = _backend.choose("moments", x.device, backend)
@@ -113,7 +113,7 @@ def rank1_moments(u: torch.Tensor, x: torch.Tensor, backend: Optional[str] = Non
     sums recovered from the central sums, and the products finished by `stats.from_power_sums` (float64; fine for
     gradients, |mean| << std). Statistics over the pairs of finite u_i and x_j; `nonfinite` counts the other pairs.
     Factors are upcast to float64 first (exact; O(m + n), small beside forming W X^T): the moments kernel sums
-    float32 rows in float32 blocks on AVX2 (error ~1e-7, docs/methods.md section 6), and recovering raw power sums
+    float32 rows in float32 blocks (error ~1e-7, docs/methods.md section 6), and recovering raw power sums
     from central ones needs the factor moments at float64 accuracy.
     """
     u = _check(u, "rank1_moments")
