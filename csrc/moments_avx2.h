@@ -1,7 +1,7 @@
 // AVX2 bodies of moments' chunk reduction, for CPUs without AVX-512 (moments_avx512.h has the wider twins):
 //  - chunk_f32acc_avx2 (bf16, fp16, fp32): power sums of d = x - c in float32 blocks added into float64 totals,
 //    with the same refusals as on AVX-512 (the caller then retries about the chunk mean, or falls back to a float64
-//    body). Two sets of 8 lanes per 16 values, added together and flushed every kPairSteps steps: each lane's float32
+//    body). Two sets of 8 lanes per 16 values, added together and flushed every kFlush2 steps: each lane's float32
 //    sum takes 7 roundings, as on AVX-512, so the error bound derived in tests/test_moments.py holds.
 //    fp32 takes it too on AVX2: about 11 vector operations per 8 values against 21 for the float64 body; on this
 //    2-core Zen 3 VM that (with the read-ahead below) moved fp32 from 1.9x one torch.sum to 1.2x (README).
@@ -23,6 +23,15 @@
 #define TGF_HAVE_AVX2_F32_PATH 1
 
 namespace tgf {
+
+// 16-value steps per float32 block: each of the 2 x 8 lanes sums at most 7 terms, and the two sets are added in
+// float32 before they are widened (flush_pair): 6 + 6 + 1 roundings in a lane's sum of 14 terms, the 7 of one sum of
+// 8 terms, so the bound derived in tests/test_moments.py is unchanged, with half the widenings of flushing each set.
+constexpr int kFlush2 = 7;
+// Read 1 KB ahead: without it the loads' misses did not overlap the arithmetic (fp32 1.3-1.5x one torch.sum, with
+// it 1.1-1.3x; 512 and 2048 bytes measured no better, bench/bench_moments.py). A prefetch never faults, so one
+// past the end of the data is harmless.
+constexpr int64_t kPrefetchBytes = 1024;
 
 // 8 values at i as float32 (DT 0: fp32, 1: bf16, 2: fp16).
 template <int DT>
@@ -96,7 +105,7 @@ TGF_TARGET_AVX2 bool chunk_f32acc_avx2(const void* data, int64_t begin, int64_t 
   Avx2AccF32 a(cf), b(cf);   // two independent sets: the fma chains of one set alone would bound the loop
   int64_t i = 0;
   while (i + 16 <= len) {
-    const int64_t stop = std::min<int64_t>(len - 15, i + 16 * kPairSteps);
+    const int64_t stop = std::min<int64_t>(len - 15, i + 16 * kFlush2);
     for (; i < stop; i += 16) {
       _mm_prefetch(static_cast<const char*>(data) + (begin + i) * (DT == 0 ? 4 : 2) + kPrefetchBytes, _MM_HINT_T0);
       a.step(load8<DT>(data, begin + i));

@@ -8,16 +8,6 @@
 
 namespace tgf {
 
-// Steps of two sets of lanes (16 + 16 values on AVX-512, 8 + 8 on AVX2) per float32 block: each lane sums at most 7
-// terms per set, and the two sets are added in float32 before they are widened (flush_pair): 6 + 6 + 1 roundings in
-// a lane's sum of 14 terms, the 7 of one sum of 8 terms, so the bound derived in tests/test_moments.py holds, with
-// half the widenings of flushing each set. Two sets because the add/fma chains of one alone bound the loop.
-constexpr int kPairSteps = 7;
-// Read 1 KB ahead: without it the loads' misses did not overlap the arithmetic (AVX2, fp32: 1.3-1.5x one torch.sum,
-// with it 1.1-1.3x; 512 and 2048 bytes measured no better, bench/bench_moments.py). A prefetch never faults, so one
-// past the end of the data is harmless.
-constexpr int64_t kPrefetchBytes = 1024;
-
 struct ChunkSums {
   double c;  // the shift actually used: rounded to float, so the blend of a non-finite lane is exact
   double s1, s2, s3, s4, l1, bad, mn, mx;
