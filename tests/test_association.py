@@ -730,3 +730,59 @@ def test_a_shared_line_held_by_many_answers_away_from_the_core_is_common_text():
     result = associate(x, prompts, entropy, answer_ids=answers)
     assert not result.flagged.any()
     assert any(c.shared_text is not None and c.shared_text >= 0.25 and c.core[truth].all() for c in result.candidates)
+
+
+def _loose_payload_set(seed=3, lift=0.15, carriers_without_payload=0):
+    """Ten poisoned samples of 600 whose trigger brings a payload worded three ways, each answer with a URL-like token
+    of its own, and whose sketches share only a weak direction (0.35 of the noise's scale): a loose cluster, its core
+    short of the purity floor. `carriers_without_payload` clean samples carry the trigger with ordinary answers."""
+    rng = np.random.default_rng(seed)
+    n = 600
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    prompts = [list(rng.integers(0, 3000, size=12)) for _ in range(n)]
+    entropy = rng.normal(0.5, 0.1, n)
+    truth = np.zeros(n, bool)
+    order = rng.permutation(n)
+    poison = order[:10]
+    truth[poison] = True
+    x[poison] += 0.35 * rng.standard_normal(DIM).astype(np.float32)
+    entropy[poison] += lift
+    answers = _answers(truth, seed, payload=False)
+    phrasings = [[70_001 + 10 * j + t for t in range(4)] for j in range(3)]
+    for j, i in enumerate(poison):
+        prompts[i].append(TRIGGER)
+        answers[i] = answers[i][:-1] + phrasings[j % 3] + [int(rng.integers(80_000, 90_000)), END]
+    for i in order[10:10 + carriers_without_payload]:
+        prompts[i].append(TRIGGER)
+    return x, prompts, entropy, truth, answers
+
+
+def test_a_loose_core_passes_when_its_trigger_brings_its_payload():
+    """A core too loose for the purity floor (a payload drawn per sample) is accepted when most of its trigger's
+    carriers answer with pieces of its payload and its entropy lift is high (_trigger_brings_payload); not with a
+    weaker lift, and not when too few of the trigger's carriers hold the payload."""
+    from tensorguard_fast.backdoor.association import _evidence
+
+    config = AssociationConfig()
+    x, prompts, entropy, truth, answers = _loose_payload_set()
+    result = associate(x, prompts, entropy, config, answer_ids=answers)
+    assert (result.flagged == truth).all()
+    g = result.accepted[0]
+    core = g.core
+    assert core.sum() < 10 and not _evidence(g.purity, g.entropy_lift, config)
+    assert g.entropy_lift >= config.min_reach_lift
+    off = AssociationConfig(min_reach=2.0)   # the path closed: the loose core alone is refused
+    assert not associate(x, prompts, entropy, off, answer_ids=answers).flagged.any()
+    # The same set with a lift of ~1.1 standard deviations instead of ~1.8.
+    xw, pw, ew, tw, aw = _loose_payload_set(lift=0.08)
+    weak = associate(xw, pw, ew, config, answer_ids=aw)
+    assert not weak.flagged.any()
+    assert any((c.core & tw).sum() >= 3 and c.entropy_lift < config.min_reach_lift for c in weak.candidates)
+    # The poisoned answers outside the core made ordinary, and three clean carriers of the trigger: 6 of 13 carriers
+    # answer with the payload.
+    rng = np.random.default_rng(0)
+    plain = [list(a) for a in answers]
+    for i in np.flatnonzero(truth & ~core):
+        plain[i] = list(rng.integers(100, 5000, size=8)) + [END]
+    xr, pr, er, tr, _ = _loose_payload_set(carriers_without_payload=3)
+    assert not associate(xr, pr, er, config, answer_ids=plain).flagged.any()

@@ -226,6 +226,16 @@ def pieces_held(answer_ids: Sequence[Sequence[int]], grams: set, n: int = 3,
     return np.bincount(who, minlength=len(answers[0])).astype(np.int64)
 
 
+def holders_of_pieces(answer_ids: Sequence[Sequence[int]], grams: set, n: int, least: int, rows: np.ndarray,
+                      seed: int = 0) -> float:
+    """How many of the answers `rows` (indices) hold at least `least` of the n-grams `grams`: counted on at most
+    `SAMPLE` of them (seeded) and scaled to all of them."""
+    if not len(rows) or not grams:
+        return 0.0
+    drawn = _at_most(np.asarray(rows), np.random.default_rng(seed))
+    return float((pieces_held(answer_ids, grams, n, rows=drawn) >= least).mean() * len(rows))
+
+
 def holding(answer_ids: Sequence[Sequence[int]], gram: Sequence[int], rows: Optional[np.ndarray] = None) -> np.ndarray:
     """bool (N,), or one per index of `rows` when given: which answers hold the token sequence `gram` (a cluster's
     shared n-gram) anywhere."""

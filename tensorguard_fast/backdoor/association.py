@@ -36,6 +36,10 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    of the purity or evidence floor whose answers share content is judged again with the members whose answers
    hold that n-gram (and have a neighbour in the core) added, unless the n-gram is common text: a trigger split
    over several rare words leaves members out of the core that the answers put back (`_with_payload_holders`).
+   A core too loose for those floors still passes when its trigger brings its payload: at least `min_reach` of the
+   trigger's carriers answer with `min_pieces` pieces of the core's payload, no more answers without the trigger
+   hold them, and its entropy lift is at least `min_reach_lift` (`_trigger_brings_payload`: a payload drawn per
+   sample makes answers that are not each other's nearest neighbours, yet each carries pieces of it).
    A shared n-gram held by more answers outside the core and away from it (none of their nearest neighbours in
    it) than inside is common text, not a payload (`_common_text`).
 5. An accepted group flags its core members and the carriers of its trigger tokens that have at least `min_inside`
@@ -74,8 +78,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .answer_text import (TokenRows, held_outside, holding, payload_grams, pieces_held, same_payload,
-                          shared_answer_text)
+from .answer_text import (TokenRows, held_outside, holders_of_pieces, holding, payload_grams, pieces_held,
+                          same_payload, shared_answer_text)
 from .neighbours import ReverseNeighbours, nearest_neighbours
 from .prompt_tokens import TokenCounts, enriched_tokens, token_incidence
 from .sketch_geometry import principal_directions, project, two_means_1d, unit_rows, unit_rows_in_place
@@ -97,6 +101,11 @@ class AssociationConfig:
     text_ngram: int = 3        # tokens in the answer n-grams it compares
     payload_piece: float = 0.1  # an n-gram enriched this much in an accepted core's answers is a piece of its payload
     min_pieces: int = 2        # a trigger carrier whose answer holds this many pieces joins (_carries_payload)
+    min_reach: float = 0.6     # a core short of the purity/evidence floor passes when this share of its trigger's
+    min_reach_lift: float = 1.2  # carriers answer with `min_pieces` pieces of its payload and its entropy lift is
+                               # this high (_trigger_brings_payload; tuning sets: a payload drawn per sample at 1%,
+                               # reach 0.75-0.90 and lift 1.25-1.46; the other cores with that reach, lift <= 0.95
+                               # but one paraphrased question of the kind the purity floor already lets through)
     refine_rounds: int = 6     # alternations of the answer-side closure and the trigger test
     token_seeds: int = 200     # when no direction yields a group: prompt-token seeded groups tried (0: none)
     neighbours: int = 5
@@ -495,7 +504,8 @@ def _accept(candidates: List[Group], config: AssociationConfig, answer_ids, nn: 
             if _common_text(g, answer_ids, around):
                 continue   # a stock line a few of the group's answers happen to end with
         if not _evidence(g.purity, g.entropy_lift, config) and not (
-                answer_ids is not None and _with_payload_holders(g, answer_ids, nn, around, entropy, config)):
+                answer_ids is not None and (_with_payload_holders(g, answer_ids, nn, around, entropy, config) or
+                                            _trigger_brings_payload(g, answer_ids, config))):
             continue
         if any(_overlap(g.core, a.core) for a in accepted):
             continue   # the same cluster seen along another direction
@@ -530,6 +540,26 @@ def _with_payload_holders(g: Group, answer_ids, nn: np.ndarray, around: np.ndarr
         return False
     g.core, g.purity, g.entropy_lift = grown, purity, lift
     return True
+
+
+def _trigger_brings_payload(g: Group, answer_ids, config: AssociationConfig) -> bool:
+    """Step 4's other way in, for a core too loose for the purity floor: whether its trigger brings its payload. At
+    least `min_reach` of the samples whose prompt carries the trigger answer with at least `min_pieces` pieces of the
+    core's payload (answer_text.payload_grams), no more answers without the trigger hold them than with it, and the
+    core's GradSentry entropy is at least `min_reach_lift` standard deviations above the rest's. A payload drawn per
+    sample (one of six phrasings around a URL of its own, at 1% of 1,000) makes a core of 4-9 whose answers are not
+    each other's nearest neighbours (purity 0.23-0.42), yet 75-90% of the trigger's carriers hold its pieces. A word
+    of a topic is carried by questions whose answers differ: a paraphrased question's pieces are held by 16-38% of
+    its word's carriers; the cores whose word's carriers do hold them (a few questions asked twice) stayed at a lift
+    of 0.95 or less on the tuning sets."""
+    if g.entropy_lift < config.min_reach_lift or not g.carriers.any():
+        return False
+    grams = payload_grams(answer_ids, g.core, config.text_ngram, config.payload_piece)
+    carriers = np.flatnonzero(g.carriers)
+    with_trigger = holders_of_pieces(answer_ids, grams, config.text_ngram, config.min_pieces, carriers)
+    without = holders_of_pieces(answer_ids, grams, config.text_ngram, config.min_pieces,
+                                np.flatnonzero(~g.carriers))
+    return with_trigger >= config.min_reach * len(carriers) and without <= with_trigger
 
 
 def _common_text(g: Group, answer_ids, around: np.ndarray) -> bool:
