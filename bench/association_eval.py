@@ -11,8 +11,8 @@ poisoned one).
     PYTHONPATH=. python bench/association_eval.py --part 1 --seed 13         # held-out, looked at while developing
     PYTHONPATH=. python bench/association_eval.py --part 0 --seed 1          # the half the defaults were chosen on
 
-Seed 47 is the report of the rule as it is (`--tag key`, SmolLM2 with and without its chat template and Gemma-3;
-the grids are in the results files); seed 43 of the rule before its trigger-reach test (the same grids, the URL at 1%
+Seeds 47 and 53 are the report of the rule as it is (`--tag key`, SmolLM2 with and without its chat template and
+Gemma-3; the grids are in the results files); seed 43 of the rule before its trigger-reach test (the same grids, the URL at 1%
 added to the one without a template at 47); seeds 23, 29, 31, 37 and 41 of the steps before those (docs/backdoor.md says
 which step each reports; 31 and 41 ran the 30-set grid, `--tag full`); seed 17 of the rule before the answer-text
 tests. Earlier reports, kept as they were: seeds 7 and 11 of the rule before its uncentred view (commit df90c91),
