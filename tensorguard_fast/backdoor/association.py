@@ -65,8 +65,8 @@ For large sets, far beyond the tuning sets, the principal directions come from t
 sketch of the same answers), so that a million samples fit in a few GB (bench/bench_association_scale.py).
 
 Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seeds 1, 3 and 4, SmolLM2 and Gemma-3);
-bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 47 is the report of the rule as it
-is, seed 43 of the rule before its trigger-reach test (step 4, chosen on tuning seeds 1 and 3-7); the answer-text
+bench/association_eval.py reports them on the other half (odd-indexed pairs; seeds 47 and 53 are the report of the rule
+as it is, seed 43 of the rule before its trigger-reach test (step 4, chosen on tuning seeds 1 and 3-7); the answer-text
 tests were added in six steps, chosen on the tuning split and development seed 13, reported on seeds 23, 29, 31, 37
 and 41; seed 17 of the rule before them).
 docs/backdoor.md explains the rule to users.
