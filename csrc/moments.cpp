@@ -2,7 +2,8 @@
 //
 // The tensor is cut into chunks of 4096 values, each read once (see reduce_chunk; fp32/bf16/fp16 chunks accumulate
 // in float32 blocks on AVX-512 and AVX2, see moments_avx512.h, moments_avx2.h). Chunks, then threads, are combined
-// with the pairwise update of Chan et al. / Terriberry for M2..M4, which is stable whatever the magnitudes. Non-finite elements are counted and excluded from every other statistic.
+// with the pairwise update of Chan et al. / Terriberry for M2..M4, which is stable whatever the magnitudes.
+// Non-finite elements are counted and excluded from every other statistic.
 #include <algorithm>
 #include <cstdlib>
 #include <cmath>

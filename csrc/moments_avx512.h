@@ -164,8 +164,8 @@ TGF_TARGET_AVX512 bool chunk_f64(const void* data, int64_t begin, int64_t len, d
 
 // Four sets of float32 sums, each summing kSetSteps terms per lane, added pairwise ((0 + 1) + (2 + 3)) before they
 // are widened: 5 + 2 roundings in a lane's block sum, the 7 of the bound derived in tests/test_moments.py. Four sets,
-// not two: widening into float64 cost ~25% of the loop when done every 14 steps (measured by skipping it); every 24
-// it costs about half as much.
+// not two: widening into float64 every 14 steps cost ~25% of the loop (measured by skipping it); every 24 steps took
+// bf16 from 6.7 to 7.2 G values/s on one Zen 4 core.
 constexpr int kSets = 4;
 constexpr int kSetSteps = 6;
 

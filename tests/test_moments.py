@@ -1,8 +1,8 @@
 """moments / moments_many / outer_moments against the float64 reference (tensorguard_fast.reference).
 
 Tolerances, derived:
-- C++ accumulates float64 inputs in float64 from the exact upcast of each input element, so it must agree with the float64 two-pass reference to ~1e-12 relative (we allow 1e-10: chunk merges add
-  a few roundings).
+- C++ accumulates float64 inputs in float64 from the exact upcast of each input element, so it must agree with the
+  float64 two-pass reference to ~1e-12 relative (we allow 1e-10: chunk merges add a few roundings).
 - Triton accumulates each block in float32 with tree sums (log2(4096) = 12 levels): relative error <= ~12 * 2^-24 =
   7e-7 of the sum of magnitudes; partials are merged in float64. We allow 4e-6 relative (std, L1, L2), 4e-6 of
   mean|x| for the mean, and 2e-5 absolute for skewness/kurtosis (scale-free ratios of those sums).
