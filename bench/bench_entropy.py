@@ -77,16 +77,17 @@ def routes(model, batches, gradsentry_n):
     from tensorguard_fast.backdoor.prefix import PrefixCache
     from tensorguard_fast.ops.gram_entropy import gram_spectrum_from_hidden, spectral_entropy
 
-    def score(batch, **kw):
-        hidden, weight, targets = entropy.gradient_inputs(model, batch, **kw)
+    def entropy_of(hidden, weight, targets):
         svals, _ = gram_spectrum_from_hidden(hidden, weight, targets)
         return spectral_entropy(svals, 16)
 
+    def score(batch, **kw):
+        return entropy_of(*entropy.gradient_inputs(model, batch, **kw))
+
     def score_every_token(batch):   # as before this issue: every real token computed, nothing shared
         hidden = entropy.lm_head_inputs(model, batch["input_ids"], batch["attention_mask"], share_prefix=False)
-        svals, _ = gram_spectrum_from_hidden(hidden, entropy.output_embedding(model).weight.detach(),
-                                             entropy.answer_targets(batch["labels"]))
-        return spectral_entropy(svals, 16)
+        weight = entropy.output_embedding(model).weight.detach()
+        return entropy_of(hidden, weight, entropy.answer_targets(batch["labels"]))
 
     def today():
         return torch.cat([score_every_token(b) for b in batches]), sum(group_tokens(b) for b in batches)
