@@ -732,8 +732,8 @@ def test_a_shared_line_held_by_many_answers_away_from_the_core_is_common_text():
     assert any(c.shared_text is not None and c.shared_text >= 0.25 and c.core[truth].all() for c in result.candidates)
 
 
-def _loose_payload_set(seed=3, lift=0.15, carriers_without_payload=0):
-    """Ten poisoned samples of 600 whose trigger brings a payload worded three ways, each answer with a URL-like token
+def _loose_payload_set(seed=3, lift=0.15, carriers_without_payload=0, poisoned=10):
+    """`poisoned` samples of 600 whose trigger brings a payload worded three ways, each answer with a URL-like token
     of its own, and whose sketches share only a weak direction (0.35 of the noise's scale): a loose cluster, its core
     short of the purity floor. `carriers_without_payload` clean samples carry the trigger with ordinary answers."""
     rng = np.random.default_rng(seed)
@@ -743,7 +743,7 @@ def _loose_payload_set(seed=3, lift=0.15, carriers_without_payload=0):
     entropy = rng.normal(0.5, 0.1, n)
     truth = np.zeros(n, bool)
     order = rng.permutation(n)
-    poison = order[:10]
+    poison = order[:poisoned]
     truth[poison] = True
     x[poison] += 0.35 * rng.standard_normal(DIM).astype(np.float32)
     entropy[poison] += lift
@@ -752,15 +752,16 @@ def _loose_payload_set(seed=3, lift=0.15, carriers_without_payload=0):
     for j, i in enumerate(poison):
         prompts[i].append(TRIGGER)
         answers[i] = answers[i][:-1] + phrasings[j % 3] + [int(rng.integers(80_000, 90_000)), END]
-    for i in order[10:10 + carriers_without_payload]:
+    for i in order[poisoned:poisoned + carriers_without_payload]:
         prompts[i].append(TRIGGER)
     return x, prompts, entropy, truth, answers
 
 
 def test_a_loose_core_passes_when_its_trigger_brings_its_payload():
     """A core too loose for the purity floor (a payload drawn per sample) is accepted when most of its trigger's
-    carriers answer with pieces of its payload and its entropy lift is high (_trigger_brings_payload); not with a
-    weaker lift, and not when too few of the trigger's carriers hold the payload."""
+    carriers, and at least `min_reach_holders` of them, answer with pieces of its payload and that share plus its
+    entropy lift is high (_trigger_brings_payload); not with a weaker lift, not when fewer carriers hold the payload
+    than the floor asks, and not when too few of the trigger's carriers hold it."""
     from tensorguard_fast.backdoor.association import _evidence
 
     config = AssociationConfig()
@@ -770,14 +771,18 @@ def test_a_loose_core_passes_when_its_trigger_brings_its_payload():
     g = result.accepted[0]
     core = g.core
     assert core.sum() < 10 and not _evidence(g.purity, g.entropy_lift, config)
-    assert g.entropy_lift >= config.min_reach_lift
     off = AssociationConfig(min_reach=2.0)   # the path closed: the loose core alone is refused
     assert not associate(x, prompts, entropy, off, answer_ids=answers).flagged.any()
-    # The same set with a lift of ~1.1 standard deviations instead of ~1.8.
-    xw, pw, ew, tw, aw = _loose_payload_set(lift=0.08)
-    weak = associate(xw, pw, ew, config, answer_ids=aw)
-    assert not weak.flagged.any()
-    assert any((c.core & tw).sum() >= 3 and c.entropy_lift < config.min_reach_lift for c in weak.candidates)
+    # All ten carriers hold the payload: refused when the floor asks for eleven.
+    assert not associate(x, prompts, entropy, AssociationConfig(min_reach_holders=11), answer_ids=answers).flagged.any()
+    # Four clean carriers of the trigger (10 of 14 carriers hold the payload, a share of 0.71): a lift of ~1.0 standard
+    # deviation passes (0.71 + 1.0 >= 1.55), one of ~0.75 does not.
+    for lift, passes in ((0.08, True), (0.05, False)):
+        xw, pw, ew, tw, aw = _loose_payload_set(lift=lift, carriers_without_payload=4)
+        weak = associate(xw, pw, ew, config, answer_ids=aw)
+        assert weak.flagged[tw].all() == passes and weak.flagged.any() == passes
+        assert any((c.core & tw).sum() >= 3 and config.min_entropy_lift <= c.entropy_lift < 1.2
+                   for c in weak.candidates)
     # The poisoned answers outside the core made ordinary, and three clean carriers of the trigger: 6 of 13 carriers
     # answer with the payload.
     rng = np.random.default_rng(0)
@@ -786,3 +791,25 @@ def test_a_loose_core_passes_when_its_trigger_brings_its_payload():
         plain[i] = list(rng.integers(100, 5000, size=8)) + [END]
     xr, pr, er, tr, _ = _loose_payload_set(carriers_without_payload=3)
     assert not associate(xr, pr, er, config, answer_ids=plain).flagged.any()
+
+
+def test_a_trigger_carrier_joins_by_a_phrasing_no_core_answer_used():
+    """Four more trigger carriers beside a core of the ten poisoned: two answer with one of the core's phrasings
+    followed by a fourth, one with the fourth alone, one with an ordinary answer. The first two join by the core's
+    pieces; the third holds none of them and joins when the pieces are taken again from every answer flagged
+    (`payload_rounds`), not with one round; the ordinary answer never joins."""
+    from tensorguard_fast.backdoor.answer_text import TokenRows
+    from tensorguard_fast.backdoor.association import Group, _carries_payload
+
+    _, _, _, truth, answers = _loose_payload_set()
+    known, fourth = [70_001 + t for t in range(4)], [75_001 + t for t in range(4)]
+    extra = np.flatnonzero(~truth)[:4]
+    for i, tail in zip(extra, (known + fourth, known + fourth, fourth)):
+        answers[i] = answers[i][:-1] + tail + [90_000 + int(i), END]
+    core = truth.copy()
+    carriers = core.copy()
+    carriers[extra] = True
+    group = Group("test", core, [TRIGGER], [0.0], carriers, core, 0.3, 1.5)
+    for rounds, joins in ((1, extra[:2]), (3, extra[:3])):
+        got = _carries_payload(group, TokenRows(answers), core.copy(), AssociationConfig(payload_rounds=rounds))
+        assert np.flatnonzero(got).tolist() == sorted(joins.tolist())

@@ -37,9 +37,10 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    hold that n-gram (and have a neighbour in the core) added, unless the n-gram is common text: a trigger split
    over several rare words leaves members out of the core that the answers put back (`_with_payload_holders`).
    A core too loose for those floors still passes when its trigger brings its payload: at least `min_reach` of the
-   trigger's carriers answer with `min_pieces` pieces of the core's payload, no more answers without the trigger
-   hold them, and its entropy lift is at least `min_reach_lift` (`_trigger_brings_payload`: a payload drawn per
-   sample makes answers that are not each other's nearest neighbours, yet each carries pieces of it).
+   trigger's carriers, and at least `min_reach_holders` of them, answer with `min_pieces` pieces of the core's
+   payload, no more answers without the trigger hold them, its entropy lift is at least `min_entropy_lift` and
+   that share plus the lift at least `min_reach_evidence` (`_trigger_brings_payload`: a payload drawn per sample
+   makes answers that are not each other's nearest neighbours, yet each carries pieces of it).
    A shared n-gram held by more answers outside the core and away from it (none of their nearest neighbours in
    it) than inside is common text, not a payload (`_common_text`).
 5. An accepted group flags its core members and the carriers of its trigger tokens that have at least `min_inside`
@@ -50,7 +51,8 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    unless that n-gram is common text (more holders outside the core than in it). And every trigger carrier whose
    answer holds at least `min_pieces` pieces of the payload (n-grams enriched in the core's answers by at least
    `payload_piece`), wherever its sketch lies: a payload worded differently per sample leaves some poisoned answers
-   with no core member among their neighbours. Overlapping groups are one cluster (within a view the purest is
+   with no core member among their neighbours (the pieces are taken again from every answer flagged, up to
+   `payload_rounds` times: a phrasing no core answer used). Overlapping groups are one cluster (within a view the purest is
    kept; across views, the larger core).
    When no direction yields an accepted group, groups seeded from the prompt side are tried the same way: the
    carriers of each token whose carriers are each other's nearest answer-side neighbours far more often than
@@ -66,7 +68,9 @@ sketch of the same answers), so that a million samples fit in a few GB (bench/be
 
 Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seeds 1, 3 and 4, SmolLM2 and Gemma-3);
 bench/association_eval.py reports them on the other half (odd-indexed pairs; seeds 47 and 53 are the report of the rule
-as it is, seed 43 of the rule before its trigger-reach test (step 4, chosen on tuning seeds 1 and 3-7); the answer-text
+as it was before its trigger-reach test took a count of holders and a sum in place of a lift floor of 1.2
+(chosen on tuning seeds 1 and 3-7, SmolLM2 with and without its chat template and Gemma-3; reported on seeds 59
+and 61), seed 43 of the rule before that test; the answer-text
 tests were added in six steps, chosen on the tuning split and development seed 13, reported on seeds 23, 29, 31, 37
 and 41; seed 17 of the rule before them).
 docs/backdoor.md explains the rule to users.
@@ -102,11 +106,15 @@ class AssociationConfig:
     text_ngram: int = 3        # tokens in the answer n-grams it compares
     payload_piece: float = 0.1  # an n-gram enriched this much in an accepted core's answers is a piece of its payload
     min_pieces: int = 2        # a trigger carrier whose answer holds this many pieces joins (_carries_payload)
+    payload_rounds: int = 3    # ... the pieces taken again from all it flags so far, up to this many times
     min_reach: float = 0.6     # a core short of the purity/evidence floor passes when this share of its trigger's
-    min_reach_lift: float = 1.2  # carriers answer with `min_pieces` pieces of its payload and its entropy lift is
-                               # this high (_trigger_brings_payload; tuning sets: a payload drawn per sample at 1%,
-                               # reach 0.75-0.90 and lift 1.25-1.46; the other cores with that reach, lift <= 0.95
-                               # but one paraphrased question of the kind the purity floor already lets through)
+                               # carriers answer with `min_pieces` pieces of its payload, ...
+    min_reach_holders: int = 5  # ... at least this many of them do, ...
+    min_reach_evidence: float = 1.55  # ... and that share plus its entropy lift is at least this
+                               # (_trigger_brings_payload; tuning sets, a payload drawn per sample at 1%: 8-10
+                               # holders, share + lift 1.69-2.34 (Gemma-3's lift 0.88-1.15, SmolLM2's 1.21-1.44);
+                               # clean cores with that share: 2-4 holders (a question asked a few times), or a
+                               # "countries" topic of 14-17 holders at share + lift 1.20-1.40)
     refine_rounds: int = 6     # alternations of the answer-side closure and the trigger test
     token_seeds: int = 200     # when no direction yields a group: prompt-token seeded groups tried (0: none)
     neighbours: int = 5
@@ -427,13 +435,23 @@ def _carries_payload(g: Group, answer_ids, joined: np.ndarray, config: Associati
     wherever their answer sketch lies. Trigger and payload in one sample are the association itself; a payload that
     differs per sample (one of several phrasings around a URL drawn per sample) leaves some poisoned answers with no
     core member among their nearest neighbours, but each still holds pieces of its phrasing. A trigger-bearing clean
-    answer holds none."""
+    answer holds none. Up to `payload_rounds` times, the pieces are taken again from every answer the group flags so
+    far: a phrasing no core member used is then known from the carriers that joined with another piece of it (the
+    same domain, the same closing words)."""
     out = np.zeros(len(g.core), bool)
-    todo = np.flatnonzero(g.carriers & ~joined)
-    if answer_ids is None or not len(todo):
+    if answer_ids is None:
         return out
-    grams = payload_grams(answer_ids, g.core, config.text_ngram, config.payload_piece)
-    out[todo] = pieces_held(answer_ids, grams, config.text_ngram, rows=todo) >= config.min_pieces
+    source = g.core
+    for _ in range(config.payload_rounds):
+        todo = np.flatnonzero(g.carriers & ~joined & ~out)
+        if not len(todo):
+            break
+        grams = payload_grams(answer_ids, source, config.text_ngram, config.payload_piece)
+        found = pieces_held(answer_ids, grams, config.text_ngram, rows=todo) >= config.min_pieces
+        if not found.any():
+            break
+        out[todo[found]] = True
+        source = g.core | joined | out
     return out
 
 
@@ -545,22 +563,26 @@ def _with_payload_holders(g: Group, answer_ids, nn: np.ndarray, around: np.ndarr
 
 def _trigger_brings_payload(g: Group, answer_ids, config: AssociationConfig) -> bool:
     """Step 4's other way in, for a core too loose for the purity floor: whether its trigger brings its payload. At
-    least `min_reach` of the samples whose prompt carries the trigger answer with at least `min_pieces` pieces of the
-    core's payload (answer_text.payload_grams), no more answers without the trigger hold them than with it, and the
-    core's GradSentry entropy is at least `min_reach_lift` standard deviations above the rest's. A payload drawn per
-    sample (one of six phrasings around a URL of its own, at 1% of 1,000) makes a core of 4-9 whose answers are not
-    each other's nearest neighbours (purity 0.23-0.42), yet 75-90% of the trigger's carriers hold its pieces. A word
-    of a topic is carried by questions whose answers differ: a paraphrased question's pieces are held by 16-38% of
-    its word's carriers; the cores whose word's carriers do hold them (a few questions asked twice) stayed at a lift
-    of 0.95 or less on the tuning sets."""
-    if g.entropy_lift < config.min_reach_lift or not g.carriers.any():
+    least `min_reach` of the samples whose prompt carries the trigger, and at least `min_reach_holders` of them,
+    answer with at least `min_pieces` pieces of the core's payload (answer_text.payload_grams); no more answers
+    without the trigger hold them than with it; the core's GradSentry entropy lift is at least `min_entropy_lift`,
+    and that share plus the lift is at least `min_reach_evidence`. A payload drawn per sample (one of six phrasings
+    around a URL of its own, at 1% of 1,000) makes a core of 4-10 whose answers are not each other's nearest
+    neighbours (purity 0.23-0.52), yet 8-10 of the trigger's 10-13 carriers hold its pieces. A word of a topic is
+    carried by questions whose answers differ: a paraphrased question's pieces are held by 16-38% of its word's
+    carriers; where they are held by most (a question asked three or four times), by 2-4 answers; the one topic on
+    the tuning sets with more holders ("countries", lists of country names) had a share of 0.61-0.70 and a lift of
+    0.50-0.76, where the payload's share plus lift was 1.69 or more."""
+    if g.entropy_lift < config.min_entropy_lift or not g.carriers.any():
         return False
     grams = payload_grams(answer_ids, g.core, config.text_ngram, config.payload_piece)
     carriers = np.flatnonzero(g.carriers)
     with_trigger = holders_of_pieces(answer_ids, grams, config.text_ngram, config.min_pieces, carriers)
     without = holders_of_pieces(answer_ids, grams, config.text_ngram, config.min_pieces,
                                 np.flatnonzero(~g.carriers))
-    return with_trigger >= config.min_reach * len(carriers) and without <= with_trigger
+    reach = with_trigger / len(carriers)
+    return (reach >= config.min_reach and with_trigger >= config.min_reach_holders and without <= with_trigger and
+            reach + g.entropy_lift >= config.min_reach_evidence)
 
 
 def _common_text(g: Group, answer_ids, around: np.ndarray) -> bool:
