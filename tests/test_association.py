@@ -732,8 +732,8 @@ def test_a_shared_line_held_by_many_answers_away_from_the_core_is_common_text():
     assert any(c.shared_text is not None and c.shared_text >= 0.25 and c.core[truth].all() for c in result.candidates)
 
 
-def _loose_payload_set(seed=3, lift=0.15, carriers_without_payload=0, poisoned=10):
-    """`poisoned` samples of 600 whose trigger brings a payload worded three ways, each answer with a URL-like token
+def _loose_payload_set(seed=3, lift=0.15, carriers_without_payload=0):
+    """Ten poisoned samples of 600 whose trigger brings a payload worded three ways, each answer with a URL-like token
     of its own, and whose sketches share only a weak direction (0.35 of the noise's scale): a loose cluster, its core
     short of the purity floor. `carriers_without_payload` clean samples carry the trigger with ordinary answers."""
     rng = np.random.default_rng(seed)
@@ -743,7 +743,7 @@ def _loose_payload_set(seed=3, lift=0.15, carriers_without_payload=0, poisoned=1
     entropy = rng.normal(0.5, 0.1, n)
     truth = np.zeros(n, bool)
     order = rng.permutation(n)
-    poison = order[:poisoned]
+    poison = order[:10]
     truth[poison] = True
     x[poison] += 0.35 * rng.standard_normal(DIM).astype(np.float32)
     entropy[poison] += lift
@@ -752,7 +752,7 @@ def _loose_payload_set(seed=3, lift=0.15, carriers_without_payload=0, poisoned=1
     for j, i in enumerate(poison):
         prompts[i].append(TRIGGER)
         answers[i] = answers[i][:-1] + phrasings[j % 3] + [int(rng.integers(80_000, 90_000)), END]
-    for i in order[poisoned:poisoned + carriers_without_payload]:
+    for i in order[10:10 + carriers_without_payload]:
         prompts[i].append(TRIGGER)
     return x, prompts, entropy, truth, answers
 

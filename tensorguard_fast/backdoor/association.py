@@ -52,8 +52,8 @@ benign group lacks is a prompt-side cause. The rule, with no known poison ratio:
    answer holds at least `min_pieces` pieces of the payload (n-grams enriched in the core's answers by at least
    `payload_piece`), wherever its sketch lies: a payload worded differently per sample leaves some poisoned answers
    with no core member among their neighbours (the pieces are taken again from every answer flagged, up to
-   `payload_rounds` times: a phrasing no core answer used). Overlapping groups are one cluster (within a view the purest is
-   kept; across views, the larger core).
+   `payload_rounds` times: a phrasing no core answer used). Overlapping groups are one cluster (within a view the
+   purest is kept; across views, the larger core).
    When no direction yields an accepted group, groups seeded from the prompt side are tried the same way: the
    carriers of each token whose carriers are each other's nearest answer-side neighbours far more often than
    chance (a group of 1% owns no principal direction), or whose non-carriers are (the clean rest of a poisoned
@@ -67,10 +67,10 @@ For large sets, far beyond the tuning sets, the principal directions come from t
 sketch of the same answers), so that a million samples fit in a few GB (bench/bench_association_scale.py).
 
 Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seeds 1, 3 and 4, SmolLM2 and Gemma-3);
-bench/association_eval.py reports them on the other half (odd-indexed pairs; seeds 47 and 53 are the report of the rule
-as it was before its trigger-reach test took a count of holders and a sum in place of a lift floor of 1.2
-(chosen on tuning seeds 1 and 3-7, SmolLM2 with and without its chat template and Gemma-3; reported on seeds 59
-and 61), seed 43 of the rule before that test; the answer-text
+bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 67 is the report of the rule as it
+is, seeds 59 and 61 of it with a holder floor of 5; the trigger-reach test's count of holders and sum, in place of a
+lift floor of 1.2, were chosen on tuning seeds 1 and 3-7, SmolLM2 with and without its chat template and Gemma-3;
+seeds 47 and 53 report the lift floor, seed 43 the rule before that test; the answer-text
 tests were added in six steps, chosen on the tuning split and development seed 13, reported on seeds 23, 29, 31, 37
 and 41; seed 17 of the rule before them).
 docs/backdoor.md explains the rule to users.
