@@ -3,7 +3,7 @@ pairs poisoned by six attacks, with two clean controls in every set: 15% long-an
 payload's length) and 15% benign repetition (one stock closing line on many clean answers, a group larger than the
 poisoned one).
 
-    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 59 --tag key --grid <12 sets>  # the report
+    PYTHONPATH=. python bench/association_eval.py --part 1 --seed 67 --tag key --grid <12 sets>  # the report
     PYTHONPATH=. python bench/association_eval.py --part 1 --seed 41 --tag full --grid <30 sets>  # step 5's
     PYTHONPATH=. python bench/association_eval.py --part 1 --seed 17         # the rule before its text tests
     PYTHONPATH=. python bench/association_eval.py --models gemma3-270m --seed 17
@@ -11,12 +11,14 @@ poisoned one).
     PYTHONPATH=. python bench/association_eval.py --part 1 --seed 13         # held-out, looked at while developing
     PYTHONPATH=. python bench/association_eval.py --part 0 --seed 1          # the half the defaults were chosen on
 
-Seeds 59 and 61 are the report of the rule as it is (`--tag key`, SmolLM2 with and without its chat template and
-Gemma-3; the grids are in the results files); seeds 47 and 53 of the rule whose trigger-reach test asked for a lift of
-1.2 (seed 47's per-sample URL at 1% was looked at under the new test before 59 and 61 ran; nothing changed after);
-seed 43 of the rule before its trigger-reach test (the same grids, the URL at 1% added to the one without a template
-at 47); seeds 23, 29, 31, 37 and 41 of the steps before those (docs/backdoor.md says which step each reports; 31 and
-41 ran the 30-set grid, `--tag full`); seed 17 of the rule before the answer-text tests. Earlier reports, kept as they were: seeds 7 and 11 of the rule before its uncentred view (commit df90c91),
+Seed 67 is the report of the rule as it is (`--tag key`, SmolLM2 with and without its chat template and Gemma-3;
+the grids are in the results files); seeds 59 and 61 of it with the trigger-reach test's holder floor at 5, which
+seed 61 led to raise to 6; seeds 47 and 53 of the rule whose trigger-reach test asked for a lift of 1.2 (seed 47's
+per-sample URL at 1% was looked at under the new test before 59 and 61 ran); seed 43 of the rule before its
+trigger-reach test (the same grids, the URL at 1% added to the one without a template at 47); seeds 23, 29, 31, 37
+and 41 of the steps before those (docs/backdoor.md says which step each reports; 31 and 41 ran the 30-set grid,
+`--tag full`); seed 17 of the rule before the answer-text tests. Earlier reports, kept as they were: seeds 7 and 11
+of the rule before its uncentred view (commit df90c91),
 seed 13 of the rule before the second trigger test and the wider join (commit d61e021; seed 13 was then used for
 development).
 

@@ -70,9 +70,9 @@ Defaults were chosen on the tuning split (even-indexed fanoutqa pairs, seeds 1, 
 bench/association_eval.py reports them on the other half (odd-indexed pairs; seed 67 is the report of the rule as it
 is, seeds 59 and 61 of it with a holder floor of 5; the trigger-reach test's count of holders and sum, in place of a
 lift floor of 1.2, were chosen on tuning seeds 1 and 3-7, SmolLM2 with and without its chat template and Gemma-3;
-seeds 47 and 53 report the lift floor, seed 43 the rule before that test; the answer-text
-tests were added in six steps, chosen on the tuning split and development seed 13, reported on seeds 23, 29, 31, 37
-and 41; seed 17 of the rule before them).
+seeds 47 and 53 report the lift floor, seed 43 the rule before that test; the answer-text tests were added in six
+steps, chosen on the tuning split and development seed 13, reported on seeds 23, 29, 31, 37 and 41; seed 17 of the
+rule before them).
 docs/backdoor.md explains the rule to users.
 """
 from __future__ import annotations
